@@ -1,0 +1,184 @@
+"""The `smallscale` command. Subcommands map 1:1 to the stages in ARCHITECTURE.md.
+
+User mistakes surface as `UserError` and print as one line (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from smallscale.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Small-scale LM pretraining research.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora: tokenizer + token shards + manifest.")
+model_app = typer.Typer(no_args_is_help=True, help="Model presets.")
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+
+DEFAULT_SOURCE = "builtin:tinyshakespeare"
+DEFAULT_DATASET = "data/tinyshakespeare"
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: Annotated[str, typer.Argument(help="path/glob/folder, hf:owner/name, hf:/local/dir or builtin:NAME")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output dataset folder")],
+    tokenizer: Annotated[str, typer.Option(help="'bpe', 'unigram' or a tokenizer.json to reuse")] = "bpe",
+    vocab_size: Annotated[int, typer.Option(help="vocabulary size when training a tokenizer")] = 8192,
+    split_by: Annotated[Optional[str], typer.Option(help="document = 'file' | 'line' | 'paragraph'")] = None,
+    text_field: Annotated[str, typer.Option(help="JSONL field / Parquet or HF column")] = "text",
+    hf_config: Annotated[Optional[str], typer.Option(help="Hugging Face dataset config name")] = None,
+    hf_split: Annotated[str, typer.Option(help="Hugging Face dataset split")] = "train",
+    streaming: Annotated[bool, typer.Option(help="stream a Hugging Face dataset")] = False,
+    data_root: Annotated[Optional[str], typer.Option(help="folder of built-in corpora (else $SMALLSCALE_DATA_ROOT)")] = None,
+    nfc: Annotated[bool, typer.Option(help="Unicode NFC normalisation")] = True,
+    dedup: Annotated[bool, typer.Option(help="remove exact duplicate documents")] = True,
+    val_fraction: Annotated[float, typer.Option(help="fraction of documents held out")] = 0.05,
+    seed: Annotated[int, typer.Option(help="seed of the split and of the document order")] = 1234,
+    shard_tokens: Annotated[int, typer.Option(help="max tokens per shard file")] = 100_000_000,
+    tokenizer_train_bytes: Annotated[int, typer.Option(help="bytes of text to train the tokenizer on")] = 200_000_000,
+    workers: Annotated[Optional[int], typer.Option(help="worker processes (default: all cores)")] = None,
+) -> None:
+    """Read documents, train/load a tokenizer, write token shards and manifest.json."""
+    from smallscale.config import validate
+    from smallscale.data.shards import PrepareConfig, prepare
+
+    fields = dict(locals())
+    fields["out"] = str(out)
+    if workers is None:
+        fields.pop("workers")
+    cfg = validate(PrepareConfig, fields, source="data prepare")
+    manifest = prepare(cfg)
+    _print_manifest_summary(manifest, out)
+
+
+def _print_manifest_summary(manifest: dict, out: Path) -> None:
+    table = Table(title=f"{out}  (vocab {manifest['vocab_size']}, {manifest['dtype']})")
+    for col in ("split", "documents", "tokens", "bytes", "bytes/token", "tokens/word"):
+        table.add_column(col, justify="right")
+    for name, s in manifest["splits"].items():
+        bpt = f"{s['bytes_per_token']:.3f}" if s["bytes_per_token"] else "-"
+        fert = f"{s['fertility']:.3f}" if s["fertility"] else "-"
+        table.add_row(name, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['bytes']:,}", bpt, fert)
+    Console().print(table)
+    Console().print(
+        f"duplicates removed: {manifest['duplicates_removed']:,}   "
+        f"invalid UTF-8 replaced: {manifest['replaced_invalid_utf8']:,}"
+    )
+
+
+@data_app.command("info")
+def data_info(dataset: Annotated[Path, typer.Argument(help="a prepared dataset folder")]) -> None:
+    """Show a prepared dataset's manifest summary."""
+    from smallscale.data.shards import load_manifest
+
+    _print_manifest_summary(load_manifest(dataset), dataset)
+
+
+@data_app.command("builtins")
+def data_builtins() -> None:
+    """List the built-in corpora."""
+    from smallscale.data.builtins import list_builtins
+
+    rows = list_builtins()
+    table = Table()
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+
+
+@model_app.command("list")
+def model_list(
+    vocab_size: Annotated[Optional[int], typer.Option(help="count parameters at this vocabulary size")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="context length for FLOPs/token")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Named model sizes with exact parameter counts and FLOPs per token."""
+    from smallscale.model.presets import preset_table
+
+    rows = preset_table(vocab_size=vocab_size, seq_len=seq_len)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(caption="FLOPs/token = 6N + 12·n_layer·d_model·seq_len (N includes the tied embedding)")
+    for col in rows[0]:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*(f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row.values()))
+    Console().print(table)
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_cmd(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Argument(help="run config YAML; then key=value overrides")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Train a model: `smallscale train CONFIG.yaml train.tokens=2e6 optim.name=lion ...`."""
+    from smallscale.train.trainer import load_run_config, train
+
+    overrides = list(ctx.args)
+    if config is not None and "=" in config.name and not config.exists():
+        overrides.insert(0, str(config))
+        config = None
+    summary = train(load_run_config(config, overrides), progress=progress)
+    _print_summary(summary)
+
+
+@app.command("resume")
+def resume_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory with checkpoints")],
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Continue an interrupted run from its latest checkpoint (bitwise identical on CPU)."""
+    from smallscale.train.trainer import resume
+
+    _print_summary(resume(run_dir, progress=progress))
+
+
+def _print_summary(summary: dict) -> None:
+    keys = ("params", "tokens_seen", "epochs", "val_loss", "val_bpb", "wall_s", "tokens_per_s", "mfu", "peak_mem_bytes")
+    table = Table(title="run summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in keys:
+        v = summary.get(k)
+        table.add_row(k, f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+    Console().print(table)
+
+
+@app.command("quickstart")
+def quickstart(
+    out: Annotated[Path, typer.Option(help="dataset folder")] = Path(DEFAULT_DATASET),
+) -> None:
+    """The main job on the built-in default: prepare tinyshakespeare (extended by later stages)."""
+    from smallscale.config import validate
+    from smallscale.data.shards import PrepareConfig, prepare
+
+    cfg = validate(PrepareConfig, {"source": DEFAULT_SOURCE, "out": str(out)}, source="quickstart")
+    _print_manifest_summary(prepare(cfg), out)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

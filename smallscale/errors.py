@@ -1,0 +1,9 @@
+"""The one exception type for user mistakes.
+
+The CLI prints a `UserError` as a single line (no traceback) and exits with status 2. Internal
+invariants use `assert` instead, so a traceback always means a bug in smallscale, not in the input.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input: a bad path, value, option or file. One clear sentence."""
