@@ -1,0 +1,140 @@
+"""Position encodings: learned, sinusoidal, rotary (RoPE), ALiBi and none (NoPE), behind one interface.
+
+The model asks its `PositionEncoding` three questions about the positions start .. start+T-1
+(start > 0 when decoding with a KV cache); each answer is None where the encoding does not apply:
+
+  embed(start, T)             (T, d_model) added to the token embeddings     learned, sinusoidal
+  rotary(start, T)            (cos, sin), each (T, head_dim), for q and k   rope
+  attn_bias(start, T, dtype)  (1, n_head, T, start+T) additive, causal      alibi
+
+'none' (NoPE) answers None to all three: order then comes only from the causal mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from smallscale.model.gpt import GPTConfig
+
+
+def sinusoidal_table(n_pos: int, dim: int, device: torch.device | None = None) -> Tensor:
+    """Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same). (n_pos, dim)"""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    angles = torch.arange(n_pos, dtype=torch.float32, device=device)[:, None] * inv_freq  # (n_pos, dim/2)
+    table = torch.empty(n_pos, dim, device=device)
+    table[:, 0::2] = angles.sin()
+    table[:, 1::2] = angles.cos()
+    return table
+
+
+def rope_cos_sin(
+    n_pos: int, head_dim: int, base: float, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (n_pos, head_dim) in the Hugging Face Llama layout: frequencies repeated as [f, f].
+
+    Computed exactly as `LlamaRotaryEmbedding` does (fp32, inv_freq = base^(-2i/head_dim)), so an exported
+    model reproduces our logits.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.arange(n_pos, dtype=torch.float32, device=device)[:, None] * inv_freq  # (n_pos, hs/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (n_pos, hs)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dim: pairs dimension i with i + hs/2 (non-interleaved)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate queries or keys x (B, nh, T, hs) by their positions' angles; cos, sin are (T, hs)."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+def alibi_slopes(n_head: int) -> Tensor:
+    """Per-head ALiBi slopes (Press et al., 2022), (n_head,).
+
+    For n a power of 2: the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8). Otherwise take the
+    slopes for the largest power of 2 below n, then every other slope of the sequence for twice that.
+    """
+
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = geometric(closest) + geometric(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: Tensor, start: int, T: int) -> Tensor:
+    """Additive attention bias for queries at start..start+T-1 over keys 0..start+T-1: (1, nh, T, S).
+
+    bias = -slope * (query_pos - key_pos) for visible keys and -inf for future keys, so this one
+    tensor is both the ALiBi penalty and the causal mask.
+    """
+    q_pos = torch.arange(start, start + T, device=slopes.device)
+    k_pos = torch.arange(start + T, device=slopes.device)
+    dist = k_pos[None, :] - q_pos[:, None]  # (T, S), <= 0 where visible
+    bias = slopes.float()[:, None, None] * dist  # (nh, T, S)
+    return bias.masked_fill(dist > 0, float("-inf")).unsqueeze(0)
+
+
+class PositionEncoding(nn.Module):
+    """The position encoding named by `cfg.position`; see the module docstring for the interface.
+
+    Only 'learned' has parameters (`pos_emb`, an nn.Embedding). Tables, cos/sin and slopes are
+    non-persistent buffers: recomputed, never checkpointed. Positions run up to cfg.seq_len.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.kind = cfg.position
+        self.seq_len = cfg.seq_len
+        self.d_model = cfg.d_model
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.rope_base = cfg.rope_base
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if self.kind == "learned" else None
+        if self.kind == "sinusoidal":
+            self.register_buffer("table", torch.empty(cfg.seq_len, cfg.d_model), persistent=False)
+        elif self.kind == "rope":
+            self.register_buffer("cos", torch.empty(cfg.seq_len, self.head_dim), persistent=False)
+            self.register_buffer("sin", torch.empty(cfg.seq_len, self.head_dim), persistent=False)
+        elif self.kind == "alibi":
+            self.register_buffer("slopes", torch.empty(cfg.n_head), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Fill the buffers in place (also after `to_empty()` from the meta device)."""
+        if self.kind == "sinusoidal":
+            self.table.copy_(sinusoidal_table(self.seq_len, self.d_model, self.table.device))
+        elif self.kind == "rope":
+            cos, sin = rope_cos_sin(self.seq_len, self.head_dim, self.rope_base, self.cos.device)
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+        elif self.kind == "alibi":
+            self.slopes.copy_(alibi_slopes(self.n_head))
+
+    def embed(self, start: int, T: int) -> Tensor | None:
+        if self.kind == "learned":
+            return self.pos_emb(torch.arange(start, start + T, device=self.pos_emb.weight.device))
+        if self.kind == "sinusoidal":
+            return self.table[start : start + T]
+        return None
+
+    def rotary(self, start: int, T: int) -> tuple[Tensor, Tensor] | None:
+        if self.kind == "rope":
+            return self.cos[start : start + T], self.sin[start : start + T]
+        return None
+
+    def attn_bias(self, start: int, T: int, dtype: torch.dtype) -> Tensor | None:
+        if self.kind == "alibi":
+            return alibi_bias(self.slopes, start, T).to(dtype)
+        return None
