@@ -128,7 +128,7 @@ def train_cmd(
     from smallscale.train.trainer import load_run_config, train
 
     overrides = list(ctx.args)
-    if config is not None and "=" in config.name and not config.exists():
+    if config is not None and "=" in str(config) and not config.exists():
         overrides.insert(0, str(config))
         config = None
     summary = train(load_run_config(config, overrides), progress=progress)

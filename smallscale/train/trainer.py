@@ -1,0 +1,398 @@
+"""The training loop: accumulation, precision, clipping, eval cadence, checkpoints, guards.
+
+The trainer reads token shards through `smallscale.data.loader` and knows nothing about which corpus
+they came from. Everything a run produces lives in its run directory:
+
+    config.yaml   the resolved config          env.json      versions, hardware, git revision
+    metrics.jsonl one JSON object per logged step (and per eval)
+    checkpoints/  atomic checkpoints (see checkpoint.py)
+    summary.json  written at the end
+
+Units: budgets and cadences are in tokens; `step` is one optimizer update of `global_batch_tokens`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from smallscale import provenance
+from smallscale.config import Strict, dump_config, read_yaml, validate
+from smallscale.data.loader import TrainLoader
+from smallscale.data.shards import load_manifest
+from smallscale.errors import UserError
+from smallscale.eval.tasks.perplexity import batches_per_rank, split_loss
+from smallscale.io import atomic_write_json, atomic_write_text
+from smallscale.model.gpt import GPT, GPTConfig
+from smallscale.model.presets import PRESETS, preset_config
+from smallscale.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at
+from smallscale.train import checkpoint, distributed, telemetry
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class DataSection(Strict):
+    path: str = Field(description="a prepared dataset folder (smallscale data prepare)")
+    token_budget: int | None = Field(None, gt=0, description="use only the first N train tokens (nested prefixes)")
+    shuffle: bool = True
+
+
+class ModelSection(Strict):
+    """A preset plus any GPTConfig field to override; vocab_size comes from the dataset."""
+
+    preset: str | None = "cpu-2m"
+    n_layer: int | None = None
+    n_head: int | None = None
+    d_model: int | None = None
+    d_ff: int | None = None
+    seq_len: int | None = None
+    position: Literal["learned", "sinusoidal", "rope", "alibi", "none"] | None = None
+    rope_base: float | None = None
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    mlp: Literal["gelu", "swiglu"] | None = None
+    bias: bool | None = None
+    qk_norm: bool | None = None
+    tie_embeddings: bool | None = None
+    dropout: float | None = None
+    init_std: float | None = None
+    grad_checkpointing: bool | None = None
+
+    def build(self, vocab_size: int) -> GPTConfig:
+        fields = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+        fields["vocab_size"] = vocab_size
+        try:
+            if self.preset is None:
+                return GPTConfig(**fields)
+            if self.preset not in PRESETS:
+                raise UserError(f"model.preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+            return preset_config(self.preset, **fields)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"model: {exc}") from None
+
+
+class TrainSection(Strict):
+    tokens: int | None = Field(None, gt=0, description="total training tokens (may exceed the data budget: epochs)")
+    steps: int | None = Field(None, gt=0, description="alternatively, optimizer steps")
+    global_batch_tokens: int = Field(16384, gt=0)
+    micro_batch: int = Field(16, gt=0, description="sequences per forward pass per device")
+    precision: Precision = "auto"
+    compile: bool = False
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every_tokens: int | None = Field(None, gt=0)
+    eval_batch: int = Field(16, gt=0)
+    checkpoint_every_tokens: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every_steps: int = Field(10, gt=0)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _budget(self) -> TrainSection:
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError("set exactly one of train.tokens and train.steps")
+        return self
+
+
+class RunConfig(Strict):
+    out: str = Field(description="run directory")
+    data: DataSection
+    model: ModelSection = ModelSection()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainSection
+
+
+def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
+    from smallscale.config import deep_merge, parse_overrides
+
+    data = read_yaml(path) if path is not None else {}
+    return validate(RunConfig, deep_merge(data, parse_overrides(overrides)), source=str(path or "config"))
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but no CUDA device is available; use device=auto or cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def cpu_supports_bf16() -> bool:
+    flags = provenance.cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(choice: Precision, device: torch.device) -> str:
+    if choice == "fp16" and device.type != "cuda":
+        raise UserError("train.precision 'fp16' needs a CUDA device (GradScaler); use bf16 or fp32 on CPU")
+    if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("train.precision 'bf16' is not supported by this GPU; use fp16 or fp32")
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def autocast_factory(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def plan_batches(cfg: RunConfig, seq_len: int, world_size: int) -> tuple[int, int]:
+    """(accumulation steps, total steps), with clear errors for impossible combinations."""
+    t = cfg.train
+    per_micro = t.micro_batch * seq_len * world_size
+    if per_micro > t.global_batch_tokens:
+        raise UserError(
+            f"train.micro_batch {t.micro_batch} x seq_len {seq_len} x {world_size} device(s) = {per_micro} tokens "
+            f"exceeds train.global_batch_tokens {t.global_batch_tokens}; lower micro_batch or raise the global batch"
+        )
+    if t.global_batch_tokens % per_micro:
+        raise UserError(
+            f"train.global_batch_tokens {t.global_batch_tokens} is not a multiple of micro_batch x seq_len x devices "
+            f"= {per_micro}; use e.g. {per_micro * max(1, round(t.global_batch_tokens / per_micro))}"
+        )
+    accum = t.global_batch_tokens // per_micro
+    total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.tokens / t.global_batch_tokens))
+    return accum, total_steps
+
+
+def _every(tokens_before: int, tokens_after: int, period: int | None) -> bool:
+    return period is not None and tokens_after // period > tokens_before // period
+
+
+# ----------------------------------------------------------------------------- the run
+class NonFiniteError(UserError):
+    pass
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run described by `cfg`; returns the summary."""
+    out = Path(cfg.out)
+    device = resolve_device(cfg.train.device)
+    info = distributed.setup(device.type)
+    try:
+        return _train(cfg, out, device, info, resume, progress)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.DistInfo, resume: bool, progress: bool) -> dict[str, Any]:
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+    ckpt_dir = out / "checkpoints"
+    if (out / "config.yaml").exists() and not resume:
+        raise UserError(f"run directory {str(out)!r} already exists; resume it with `smallscale resume {out}` or choose another out")
+    manifest = load_manifest(cfg.data.path)
+    model_cfg = cfg.model.build(manifest["vocab_size"])
+    precision = resolve_precision(cfg.train.precision, device)
+    accum, total_steps = plan_batches(cfg, model_cfg.seq_len, info.world_size)
+    total_tokens = total_steps * cfg.train.global_batch_tokens
+    autocast = autocast_factory(precision, device)
+
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(model_cfg).to(device)
+    n_params, n_nonemb = model.num_params(), model.num_params(non_embedding=True)
+    flops_per_token = model.flops_per_token(model_cfg.seq_len)
+    loader = TrainLoader(
+        cfg.data.path, model_cfg.seq_len, cfg.train.micro_batch, cfg.data.token_budget,
+        seed=cfg.train.seed, rank=info.rank, world_size=info.world_size, shuffle=cfg.data.shuffle,
+    )  # fmt: skip
+
+    step, tokens_seen, skipped, wall_before = 0, 0, 0, 0.0
+    found = checkpoint.latest(ckpt_dir) if resume else None
+    if found is not None and found.state["step"] >= total_steps and (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())  # already finished: nothing to do
+    if found is not None:
+        model.load_state_dict(checkpoint.load_weights(found.path))
+        loader.load_state_dict(found.state["loader"])
+        step, tokens_seen = found.state["step"], found.state["tokens"]
+        skipped, wall_before = found.state["skipped_steps"], found.state["wall_s"]
+    checkpoint.cleanup(ckpt_dir)
+
+    wrapped = distributed.wrap(model, info, cfg.train.parallel, device)
+    optimizer = build_optimizer(model, cfg.optim, device.type)  # after wrapping: FSDP2 replaces parameters
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    if found is not None:
+        distributed.load_optimizer_state(model, optimizer, checkpoint.load_optimizer(found.path))
+    forward = torch.compile(wrapped) if cfg.train.compile else wrapped
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if found is not None:
+        checkpoint.restore_rng(found)  # last: nothing above may consume random numbers after it
+
+    metrics_path = out / "metrics.jsonl"
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg.model_copy(update={"optim": cfg.optim.resolved()})))
+        atomic_write_json(out / "env.json", {**provenance.environment(), "precision": precision, "world_size": info.world_size})
+        _truncate_metrics(metrics_path, step)
+    peak_flops, peak_source = telemetry.device_peak_flops(device, torch.bfloat16 if precision != "fp32" else torch.float32)
+    peak_total = peak_flops * info.world_size
+
+    def evaluate() -> dict[str, float]:
+        return split_loss(
+            forward, cfg.data.path, model_cfg.seq_len, cfg.train.eval_batch, device, autocast=autocast,
+            rank=info.rank, world_size=info.world_size,
+            reduce=lambda v: distributed.all_reduce_sum(v, device),
+            pad_batches_to=batches_per_rank(cfg.data.path, model_cfg.seq_len, cfg.train.eval_batch, info.world_size)
+            if cfg.train.parallel == "fsdp" and info.enabled else None,
+        )  # fmt: skip
+
+    def save_checkpoint() -> None:
+        weights = distributed.full_state_dict(wrapped)
+        optim_state = distributed.optimizer_state(model, optimizer)
+        if info.is_main:
+            state = {"tokens": tokens_seen, "loader": loader.state_dict(), "skipped_steps": skipped,
+                     "wall_s": wall_before + (time.perf_counter() - t_start)}  # fmt: skip
+            checkpoint.save(ckpt_dir, step, weights, optim_state, state, cfg.train.keep_checkpoints)
+
+    telemetry.reset_peak_memory(device)
+    gpu = telemetry.GpuMonitor(device) if info.is_main else None
+    if gpu:
+        gpu.start()
+    t_start = time.perf_counter()
+    window_t, window_tokens = t_start, 0
+    last_eval: dict[str, float] | None = None
+    bar = _progress_bar(progress and info.is_main, total_steps, step)
+
+    while step < total_steps:
+        # The lr of the update that completes this batch (so the first step is not at lr 0).
+        lr_scale = lr_at(tokens_seen + cfg.train.global_batch_tokens, total_tokens, 1.0, cfg.schedule)
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base * lr_scale
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            inputs, targets = loader.next_batch()
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with distributed.no_sync(wrapped, micro == accum - 1), autocast():
+                loss = forward(inputs, targets).loss
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_sum += loss.detach()
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+        (step_loss,) = distributed.all_reduce_sum([loss_sum.item() / accum], device)
+        step_loss /= info.world_size
+        grad_norm_v = float(grad_norm)  # identical on every rank after the gradient all-reduce
+        tokens_before = tokens_seen
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm_v)) and scaler is None:
+            if cfg.train.on_nonfinite == "stop":
+                raise NonFiniteError(
+                    f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step {step + 1} "
+                    f"(batch of samples {loader.samples_consumed - accum * cfg.train.micro_batch * info.world_size}"
+                    f"..{loader.samples_consumed - 1}); lower optim.lr, enable grad_clip, or set train.on_nonfinite=skip"
+                )
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += cfg.train.global_batch_tokens
+        window_tokens += cfg.train.global_batch_tokens
+
+        record: dict[str, Any] | None = None
+        if step % cfg.train.log_every_steps == 0 or step == total_steps:
+            now = time.perf_counter()
+            tok_s = window_tokens / max(now - window_t, 1e-9)
+            window_t, window_tokens = now, 0
+            record = {
+                "step": step, "tokens": tokens_seen, "loss": step_loss, "lr": base_lrs[0] * lr_scale,
+                "grad_norm": grad_norm_v, "tokens_per_s": tok_s,
+                "mfu": telemetry.mfu(tok_s, flops_per_token, peak_total), "epochs": loader.epochs,
+                "skipped_steps": skipped,
+            }  # fmt: skip
+        if _every(tokens_before, tokens_seen, cfg.train.eval_every_tokens) or step == total_steps:
+            last_eval = evaluate()
+            record = (record or {"step": step, "tokens": tokens_seen, "loss": step_loss})
+            record.update(val_loss=last_eval["loss"], val_bpb=last_eval["bpb"], val_ppl=last_eval["ppl"])
+        if record is not None and info.is_main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if _every(tokens_before, tokens_seen, cfg.train.checkpoint_every_tokens) or step == total_steps:
+            save_checkpoint()
+        if bar is not None:
+            bar.update(bar.task_ids[0], completed=step, loss=step_loss)
+
+    if bar is not None:
+        bar.stop()
+    wall = wall_before + (time.perf_counter() - t_start)
+    gpu_summary = gpu.stop() if gpu else {"gpu_util": None, "energy_j": None}
+    tokens_per_s = tokens_seen / wall if wall else 0.0
+    summary = {
+        "status": "done",
+        "params": n_params,
+        "non_embedding_params": n_nonemb,
+        "flops_per_token": flops_per_token,
+        "flops_convention": "6N + 12*n_layer*d_model*seq_len per token; N includes the tied embedding",
+        "tokens_seen": tokens_seen,
+        "steps": step,
+        "epochs": loader.epochs,
+        "token_budget": len(loader.tokens),
+        "val_loss": last_eval["loss"] if last_eval else None,
+        "val_bpb": last_eval["bpb"] if last_eval else None,
+        "val_ppl": last_eval["ppl"] if last_eval else None,
+        "wall_s": wall,
+        "tokens_per_s": tokens_per_s,
+        "mfu": telemetry.mfu(tokens_per_s, flops_per_token, peak_total),
+        "peak_flops": peak_total,
+        "peak_flops_source": peak_source,
+        "peak_mem_bytes": telemetry.peak_memory_bytes(device),
+        "skipped_steps": skipped,
+        "precision": precision,
+        "world_size": info.world_size,
+        **gpu_summary,
+    }
+    if info.is_main:
+        atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint so the file reads as one clean run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _progress_bar(enabled: bool, total: int, start: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+    )  # fmt: skip
+    bar.add_task("train", total=total, completed=start, loss=float("nan"))
+    bar.start()
+    return bar
+
+
+def resume(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Continue a run from its latest checkpoint with its recorded config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise UserError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    cfg = validate(RunConfig, read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
+    cfg.out = str(run_dir)
+    return train(cfg, resume=True, progress=progress)
