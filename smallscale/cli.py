@@ -21,7 +21,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora: tokenizer + 
 model_app = typer.Typer(no_args_is_help=True, help="Model presets.")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_SOURCE = "builtin:tinyshakespeare"
 DEFAULT_DATASET = "data/tinyshakespeare"
@@ -51,7 +51,7 @@ def data_prepare(
     from smallscale.config import validate
     from smallscale.data.shards import PrepareConfig, prepare
 
-    fields = dict(locals())
+    fields = {k: v for k, v in locals().items() if k in PrepareConfig.model_fields}
     fields["out"] = str(out)
     if workers is None:
         fields.pop("workers")
