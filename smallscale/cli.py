@@ -159,14 +159,26 @@ def _print_summary(summary: dict) -> None:
 
 @app.command("quickstart")
 def quickstart(
-    out: Annotated[Path, typer.Option(help="dataset folder")] = Path(DEFAULT_DATASET),
+    data_dir: Annotated[Path, typer.Option(help="dataset folder")] = Path(DEFAULT_DATASET),
+    config: Annotated[Path, typer.Option(help="training config")] = Path("configs/quickstart-train.yaml"),
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
-    """The main job on the built-in default: prepare tinyshakespeare (extended by later stages)."""
+    """The main job on the built-in default: prepare tinyshakespeare, train a cpu-2m model, report.
+
+    Idempotent: an existing dataset is reused and an existing run is resumed (or just reported).
+    """
     from smallscale.config import validate
     from smallscale.data.shards import PrepareConfig, prepare
+    from smallscale.train.trainer import load_run_config, resume, train
 
-    cfg = validate(PrepareConfig, {"source": DEFAULT_SOURCE, "out": str(out)}, source="quickstart")
-    _print_manifest_summary(prepare(cfg), out)
+    if not (data_dir / "manifest.json").exists():
+        cfg = validate(PrepareConfig, {"source": DEFAULT_SOURCE, "out": str(data_dir), "vocab_size": 4096}, source="quickstart")
+        _print_manifest_summary(prepare(cfg, progress=progress), data_dir)
+    run_cfg = load_run_config(config, [f"data.path={data_dir}"])
+    run_dir = Path(run_cfg.out)
+    summary = resume(run_dir, progress=progress) if (run_dir / "config.yaml").exists() else train(run_cfg, progress=progress)
+    _print_summary(summary)
+    Console().print(f"run directory: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)")
 
 
 def main() -> None:

@@ -1,0 +1,43 @@
+"""End to end, the way a user runs it: CLI prepare of a real corpus, CLI training, real numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from smallscale.data.shards import load_manifest, read_split
+
+CLI = [sys.executable, "-m", "smallscale.cli"]
+
+
+def unigram_bpb(dataset) -> float:
+    """Bits per byte of the val split under the train split's add-one unigram distribution."""
+    manifest = load_manifest(dataset)
+    train = np.concatenate([np.asarray(a) for a in read_split(dataset, "train")])
+    val = np.concatenate([np.asarray(a) for a in read_split(dataset, "val")])
+    counts = np.bincount(train, minlength=manifest["vocab_size"]).astype(np.float64) + 1.0
+    nll = -np.log(counts[val] / counts.sum()).sum()
+    return nll / (math.log(2) * manifest["splits"]["val"]["bytes"])
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_cpu_preset_on_tinyshakespeare_beats_the_unigram_level(tmp_path):
+    dataset, run = tmp_path / "ts", tmp_path / "run"
+    subprocess.run([*CLI, "data", "prepare", "builtin:tinyshakespeare", "--out", str(dataset), "--vocab-size", "2048"], check=True, capture_output=True)
+    subprocess.run(
+        [*CLI, "train", "configs/quickstart-train.yaml", f"out={run}", f"data.path={dataset}", "train.tokens=400000",
+         "train.eval_every_tokens=200000", "--no-progress"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    level = unigram_bpb(dataset)
+    assert 2.0 < level < 3.5
+    assert summary["val_bpb"] < 0.85 * level, (summary["val_bpb"], level)
+    evals = [json.loads(line)["val_bpb"] for line in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in line]
+    assert evals == sorted(evals, reverse=True)  # val bpb falls at every eval
