@@ -6,6 +6,7 @@ User mistakes surface as `UserError` and print as one line (exit status 2), neve
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -132,7 +133,8 @@ def train_cmd(
         overrides.insert(0, str(config))
         config = None
     summary = train(load_run_config(config, overrides), progress=progress)
-    _print_summary(summary)
+    if os.environ.get("RANK", "0") == "0":
+        _print_summary(summary)
 
 
 @app.command("resume")

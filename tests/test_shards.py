@@ -126,3 +126,16 @@ def test_reused_tokenizer_file(text_folder, tmp_path):
     assert m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]
     assert m2["tokenizer"]["kind"] == "file"
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["splits"]["train"]["tokens"] == m1["splits"]["train"]["tokens"]
+
+
+def test_splitting_a_large_file_into_byte_ranges_changes_nothing(tmp_path):
+    from tests.conftest import synthetic_docs
+
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("\n".join(synthetic_docs(800, seed=5)), encoding="utf-8")
+    whole = prepare(PrepareConfig(source=str(corpus), out=str(tmp_path / "a"), split_by="line", vocab_size=300, workers=1), progress=False)
+    tok = str(tmp_path / "a" / "tokenizer.json")
+    parts = prepare(PrepareConfig(source=str(corpus), out=str(tmp_path / "b"), split_by="line", tokenizer=tok, part_bytes=4096, workers=2), progress=False)
+    assert parts["documents_read"] == whole["documents_read"] == 800
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in parts["splits"][split]["shards"]] == [s["sha256"] for s in whole["splits"][split]["shards"]]

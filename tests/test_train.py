@@ -120,14 +120,15 @@ def test_resume_after_kill_9_during_checkpoint_write(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_match_one_process(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_cpu_processes_match_one_process(tiny_dataset, tmp_path, strategy):
     args = [f"data.path={tiny_dataset}", *TINY_MODEL, "train.steps=6", "train.global_batch_tokens=512", "train.micro_batch=4",
             "train.precision=fp32", "train.log_every_steps=1", "train.eval_batch=8", "--no-progress"]  # fmt: skip
     single = tmp_path / "single"
     subprocess.run([sys.executable, "-m", "smallscale.cli", "train", f"out={single}", *args], check=True, capture_output=True)
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "smallscale.cli", "train", f"out={ddp}", *args]  # fmt: skip
+           "-m", "smallscale.cli", "train", f"out={ddp}", f"train.parallel={strategy}", *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(ddp) == pytest.approx(losses(single), abs=1e-5)

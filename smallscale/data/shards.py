@@ -63,6 +63,7 @@ class PrepareConfig(Strict):
     seed: int = 1234
     shard_tokens: int = Field(100_000_000, gt=0, description="max tokens per shard file")
     workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1)), ge=1)
+    part_bytes: int = Field(64 * 2**20, gt=0, description="split large line-based files into parts of this size")
 
     def source_options(self) -> sources.SourceOptions:
         return sources.SourceOptions(
@@ -72,6 +73,7 @@ class PrepareConfig(Strict):
             hf_split=self.hf_split,
             streaming=self.streaming,
             data_root=self.data_root,
+            part_bytes=self.part_bytes,
         )
 
 
@@ -288,7 +290,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     dtype = token_dtype(vocab_size)
     eos = eos_id(tok)
 
-    fingerprint = {k: v for k, v in cfg.model_dump().items() if k not in ("workers", "out", "shard_tokens")}
+    fingerprint = {k: v for k, v in cfg.model_dump().items() if k not in ("workers", "out", "shard_tokens", "data_root")}
     fingerprint["tokenizer_sha256"] = sha256_file(tok_path)
     fp_path = work / "fingerprint.json"
     if fp_path.exists() and json.loads(fp_path.read_text()) != fingerprint:

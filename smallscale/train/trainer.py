@@ -4,6 +4,7 @@ The trainer reads token shards through `smallscale.data.loader` and knows nothin
 they came from. Everything a run produces lives in its run directory:
 
     config.yaml   the resolved config          env.json      versions, hardware, git revision
+    model.json    the GPTConfig (all a loader needs besides the weights and the dataset's tokenizer)
     metrics.jsonl one JSON object per logged step (and per eval)
     checkpoints/  atomic checkpoints (see checkpoint.py)
     summary.json  written at the end
@@ -14,6 +15,7 @@ Units: budgets and cadences are in tokens; `step` is one optimizer update of `gl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -238,6 +240,8 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg.model_copy(update={"optim": cfg.optim.resolved()})))
         atomic_write_json(out / "env.json", {**provenance.environment(), "precision": precision, "world_size": info.world_size})
+        # The exact model shape, so evaluation/export rebuild the model without the trainer's config.
+        atomic_write_json(out / "model.json", dataclasses.asdict(model_cfg))
         _truncate_metrics(metrics_path, step)
     peak_flops, peak_source = telemetry.device_peak_flops(device, torch.bfloat16 if precision != "fp32" else torch.float32)
     peak_total = peak_flops * info.world_size

@@ -1,0 +1,204 @@
+"""Generation quality on held-out text: continue the start of val documents, compare with the truth.
+
+Protocol (`run_generation`): the val split's token stream is cut at EOS into documents; those with
+at least prompt_tokens + new_tokens tokens are eligible, and n_prompts of them are drawn without
+replacement by a numpy generator seeded with `seed` (then kept in stream order). The prompt is a
+document's first prompt_tokens tokens (no BOS/EOS added); the model samples new_tokens more
+(stopping early at EOS), and the reference is the document's true next new_tokens tokens. Prompt,
+continuation and reference are scored as decoded text.
+
+Metrics (`text_metrics`), all on a 0-100 scale except the ratios:
+- chrF, chrF++ (word_order=2) and BLEU: sacrebleu's corpus-level scores with default settings,
+  reported with their signatures. Each segment is first made what a one-segment-per-line file gives
+  sacrebleu's command line: line breaks inside it become spaces and trailing whitespace is dropped,
+  so `python -m sacrebleu REF -i HYP -m chrf bleu` on such files reproduces the numbers.
+- distinct-1 / distinct-2 (Li et al., 2016): unique n-grams / all n-grams, pooled over every
+  continuation, on whitespace tokens (n-grams never cross continuations). Low = repetitive or generic.
+- self-BLEU (Zhu et al., 2018): the mean over continuations of sacrebleu's sentence BLEU
+  (effective order, exp smoothing: `sacrebleu.sentence_bleu`'s defaults) of one continuation
+  against all the others as its references. High = the samples resemble each other. O(n^2).
+- repetition_4: per continuation, the fraction of its whitespace 4-grams that repeat an earlier
+  4-gram of the same continuation; averaged over continuations with at least one 4-gram.
+A ratio with nothing to count (no n-grams, fewer than two continuations for self-BLEU) is None.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from sacrebleu.metrics import BLEU, CHRF
+from tokenizers import Tokenizer
+
+from smallscale.data.loader import TokenArray
+from smallscale.data.shards import load_manifest, read_split
+from smallscale.data.tokenizer import eos_id as tokenizer_eos_id
+from smallscale.errors import UserError
+from smallscale.eval.generate import check_length, cut_at_eos, generate
+from smallscale.io import atomic_write_text
+from smallscale.model.gpt import GPT
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what Python's universal-newline file reading splits on
+
+
+def as_segment(text: str) -> str:
+    """text as one line of a segment-per-line file, read back the way sacrebleu's CLI reads it."""
+    return _LINE_BREAK.sub(" ", text).rstrip()
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Unique / total whitespace n-grams, pooled over all texts; None if there are none."""
+    grams = [g for text in texts for g in _ngrams(text.split(), n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repetition_rate(texts: Sequence[str], n: int = 4) -> float | None:
+    """Mean over texts (with >= 1 n-gram) of the fraction of n-grams repeating an earlier one."""
+    rates = []
+    for text in texts:
+        grams = _ngrams(text.split(), n)
+        if grams:
+            rates.append(1.0 - len(set(grams)) / len(grams))
+    return sum(rates) / len(rates) if rates else None
+
+
+def self_bleu(texts: Sequence[str]) -> tuple[float | None, str]:
+    """Mean sentence BLEU of each text against all the others; and the BLEU signature."""
+    bleu = BLEU(effective_order=True)
+    segments = [as_segment(t) for t in texts]
+    if len(segments) < 2:
+        return None, str(bleu.get_signature())
+    scores = [
+        bleu.sentence_score(hyp, segments[:i] + segments[i + 1 :]).score for i, hyp in enumerate(segments)
+    ]
+    return sum(scores) / len(scores), str(bleu.get_signature())
+
+
+def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """chrF, chrF++, BLEU (corpus level, one reference each), distinct-1/2, self-BLEU, repetition_4."""
+    if len(hypotheses) != len(references):
+        raise UserError(f"got {len(hypotheses)} hypotheses but {len(references)} references; give one reference each")
+    if not hypotheses:
+        raise UserError("no hypotheses to score; give at least one")
+    hyps = [as_segment(h) for h in hypotheses]
+    refs = [[as_segment(r) for r in references]]
+    scorers = {"chrf": CHRF(), "chrfpp": CHRF(word_order=2), "bleu": BLEU()}
+    result: dict = {name: scorer.corpus_score(hyps, refs).score for name, scorer in scorers.items()}
+    signatures = {name: str(scorer.get_signature()) for name, scorer in scorers.items()}
+    result["distinct_1"] = distinct_n(hyps, 1)
+    result["distinct_2"] = distinct_n(hyps, 2)
+    result["self_bleu"], signatures["self_bleu"] = self_bleu(hyps)
+    result["repetition_4"] = repetition_rate(hyps, 4)
+    result["signatures"] = signatures
+    return result
+
+
+def val_documents(dataset_dir: str | Path, eos: int) -> tuple[TokenArray, np.ndarray, np.ndarray]:
+    """The val stream and its documents' (starts, lengths), EOS excluded, in stream order."""
+    shards = read_split(dataset_dir, "val")
+    stream = TokenArray(shards)
+    eos_positions = np.concatenate(
+        [np.flatnonzero(np.asarray(shard) == eos) + int(offset) for shard, offset in zip(shards, stream.starts, strict=False)]
+        or [np.zeros(0, dtype=np.int64)]
+    )
+    starts = np.concatenate([[0], eos_positions[:-1] + 1]).astype(np.int64)
+    return stream, starts, eos_positions - starts
+
+
+def run_generation(
+    model: GPT,
+    tokenizer: Tokenizer,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    n_prompts: int = 100,
+    prompt_tokens: int = 32,
+    new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+) -> dict:
+    """Sample continuations of val-document prompts, score them, write OUT/samples.jsonl atomically.
+
+    The model is moved to `device` (in place, as nn.Module.to does). If fewer than n_prompts
+    documents are long enough, all of them are used: `n` in the result is the number scored.
+    Returns the `text_metrics` values plus n, n_eligible, mean_new_tokens, eos_fraction, settings.
+    """
+    for name, value in (("n_prompts", n_prompts), ("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens), ("batch_size", batch_size)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    check_length(model, prompt_tokens, new_tokens)
+    manifest = load_manifest(dataset_dir)
+    eos = int(manifest["eos_id"])
+    if tokenizer_eos_id(tokenizer) != eos or tokenizer.get_vocab_size() != manifest["vocab_size"]:
+        raise UserError(f"the tokenizer is not the one {str(dataset_dir)!r} was prepared with; load its tokenizer.json")
+
+    stream, starts, lengths = val_documents(dataset_dir, eos)
+    eligible = np.flatnonzero(lengths >= prompt_tokens + new_tokens)
+    if len(eligible) == 0:
+        raise UserError(
+            f"no val document in {str(dataset_dir)!r} has prompt_tokens + new_tokens = {prompt_tokens + new_tokens} "
+            f"tokens (longest: {int(lengths.max(initial=0))}); lower prompt_tokens or new_tokens"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(eligible, size=min(n_prompts, len(eligible)), replace=False))
+    docs = [stream.read(int(starts[d]), prompt_tokens + new_tokens) for d in chosen]
+    prompts = torch.from_numpy(np.stack([doc[:prompt_tokens] for doc in docs]))  # (n, prompt_tokens)
+
+    model.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    new_ids: list[list[int]] = []
+    for start in range(0, len(docs), batch_size):
+        batch = prompts[start : start + batch_size].to(device)
+        out = generate(model, batch, new_tokens, temperature, top_k, top_p, eos_id=eos, generator=generator)
+        new_ids += out[:, prompt_tokens:].tolist()
+
+    settings = {
+        "split": "val",
+        "seed": seed,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "max_new_tokens": new_tokens,
+        "prompt_tokens": prompt_tokens,
+        "n_prompts": n_prompts,
+        "batch_size": batch_size,
+        "stop_at_eos": True,
+    }
+    samples, hyps, refs = [], [], []
+    for doc_index, doc, ids in zip(chosen, docs, new_ids, strict=True):
+        kept = cut_at_eos(ids, eos)
+        sample = {
+            "doc_index": int(doc_index),
+            "prompt": tokenizer.decode(doc[:prompt_tokens].tolist()),
+            "continuation": tokenizer.decode(kept, skip_special_tokens=True),
+            "reference": tokenizer.decode(doc[prompt_tokens:].tolist()),
+            "new_tokens": len(kept),
+            "ended_at_eos": len(kept) < len(ids) or (len(ids) > 0 and ids[-1] == eos),
+            "settings": settings,
+        }
+        samples.append(sample)
+        hyps.append(sample["continuation"])
+        refs.append(sample["reference"])
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+
+    metrics = text_metrics(hyps, refs)
+    return {
+        **metrics,
+        "n": len(samples),
+        "n_eligible": int(len(eligible)),
+        "mean_new_tokens": sum(s["new_tokens"] for s in samples) / len(samples),
+        "eos_fraction": sum(s["ended_at_eos"] for s in samples) / len(samples),
+        "settings": settings,
+    }
