@@ -70,12 +70,13 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float | None:
     return sum(rates) / len(rates) if rates else None
 
 
-def self_bleu(texts: Sequence[str]) -> tuple[float | None, str]:
-    """Mean sentence BLEU of each text against all the others; and the BLEU signature."""
+def self_bleu(texts: Sequence[str]) -> tuple[float | None, str | None]:
+    """Mean sentence BLEU of each text against all the others, and its signature (nrefs = n - 1);
+    (None, None) for fewer than two texts."""
     bleu = BLEU(effective_order=True)
     segments = [as_segment(t) for t in texts]
     if len(segments) < 2:
-        return None, str(bleu.get_signature())
+        return None, None
     scores = [
         bleu.sentence_score(hyp, segments[:i] + segments[i + 1 :]).score for i, hyp in enumerate(segments)
     ]
@@ -105,11 +106,12 @@ def val_documents(dataset_dir: str | Path, eos: int) -> tuple[TokenArray, np.nda
     """The val stream and its documents' (starts, lengths), EOS excluded, in stream order."""
     shards = read_split(dataset_dir, "val")
     stream = TokenArray(shards)
-    eos_positions = np.concatenate(
-        [np.flatnonzero(np.asarray(shard) == eos) + int(offset) for shard, offset in zip(shards, stream.starts, strict=False)]
-        or [np.zeros(0, dtype=np.int64)]
-    )
-    starts = np.concatenate([[0], eos_positions[:-1] + 1]).astype(np.int64)
+    per_shard = [
+        np.flatnonzero(np.asarray(shard) == eos) + int(first)
+        for shard, first in zip(shards, stream.starts[:-1], strict=True)
+    ]
+    eos_positions = np.concatenate(per_shard or [np.zeros(0, dtype=np.int64)])
+    starts = np.concatenate([[0], eos_positions + 1])[: len(eos_positions)].astype(np.int64)
     return stream, starts, eos_positions - starts
 
 
@@ -134,7 +136,8 @@ def run_generation(
     documents are long enough, all of them are used: `n` in the result is the number scored.
     Returns the `text_metrics` values plus n, n_eligible, mean_new_tokens, eos_fraction, settings.
     """
-    for name, value in (("n_prompts", n_prompts), ("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens), ("batch_size", batch_size)):
+    sizes = {"n_prompts": n_prompts, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch_size": batch_size}
+    for name, value in sizes.items():
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     check_length(model, prompt_tokens, new_tokens)
@@ -184,7 +187,7 @@ def run_generation(
             "continuation": tokenizer.decode(kept, skip_special_tokens=True),
             "reference": tokenizer.decode(doc[prompt_tokens:].tolist()),
             "new_tokens": len(kept),
-            "ended_at_eos": len(kept) < len(ids) or (len(ids) > 0 and ids[-1] == eos),
+            "ended_at_eos": len(kept) < len(ids),
             "settings": settings,
         }
         samples.append(sample)
