@@ -74,3 +74,76 @@ def batches_per_rank(dataset_dir: str | Path, seq_len: int, batch_size: int, wor
     windows = -(-tokens // seq_len)
     per_rank = -(-windows // world_size)
     return -(-per_rank // batch_size)
+
+
+# ----------------------------------------------------------------------------- raw text, rolling windows
+def rolling_windows(tokens: list[int], prefix: int, max_len: int, stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) windows that score every token of `tokens` exactly once.
+
+    lm-evaluation-harness `loglikelihood_rolling` convention: the first token is predicted from
+    `prefix` (EOS here). With `stride = max_len` (the default) windows are disjoint; with a smaller
+    stride each window re-reads `max_len - stride` tokens of context and scores only its last
+    `stride` tokens (targets of context positions are -100), so every token sees more context.
+    """
+    stride = stride or max_len
+    assert 0 < stride <= max_len
+    seq = [prefix, *tokens]  # seq[i] predicts seq[i + 1]
+    windows = []
+    scored = 0  # tokens of `tokens` scored so far
+    while scored < len(tokens):
+        n_new = min(stride if scored else max_len, len(tokens) - scored)
+        end = scored + n_new  # predict tokens[scored:end] = seq[scored+1 : end+1]
+        start = max(0, end - max_len)  # inputs seq[start:end]
+        inputs = seq[start:end]
+        targets = [-100] * (scored - start) + seq[scored + 1 : end + 1]
+        windows.append((inputs, targets))
+        scored = end
+    return windows
+
+
+@torch.no_grad()
+def text_loss(
+    model: nn.Module,
+    tokenizer,
+    documents: list[str],
+    seq_len: int,
+    eos_id: int,
+    batch_size: int = 16,
+    stride: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Loss / perplexities / bits per byte of raw documents (each scored on its own, rolling windows)."""
+    was_training = model.training
+    model.eval()
+    windows = []
+    for enc in tokenizer.encode_batch(documents, add_special_tokens=False):
+        windows += rolling_windows(enc.ids, eos_id, seq_len, stride)
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        width = max(len(inp) for inp, _ in chunk)
+        inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for row, (inp, tgt) in enumerate(chunk):
+            inputs[row, : len(inp)] = torch.tensor(inp)
+            targets[row, : len(tgt)] = torch.tensor(tgt)
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits = model(inputs).logits.float()
+        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
+    model.train(was_training)
+    n_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    n_words = sum(len(d.split()) for d in documents)
+    return {
+        "loss": nll / count,
+        "token_ppl": math.exp(min(nll / count, 50.0)),
+        "word_ppl": math.exp(min(nll / n_words, 50.0)),
+        "byte_ppl": math.exp(min(nll / n_bytes, 50.0)),
+        "bpb": nll / (math.log(2) * n_bytes),
+        "tokens": count,
+        "bytes": n_bytes,
+        "words": n_words,
+        "documents": len(documents),
+        "stride": stride or seq_len,
+        "context": seq_len,
+    }
