@@ -23,6 +23,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Model presets.")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 DEFAULT_SOURCE = "builtin:tinyshakespeare"
 DEFAULT_DATASET = "data/tinyshakespeare"
@@ -69,8 +70,8 @@ def _print_manifest_summary(manifest: dict, out: Path) -> None:
         bpt = f"{s['bytes_per_token']:.3f}" if s["bytes_per_token"] else "-"
         fert = f"{s['fertility']:.3f}" if s["fertility"] else "-"
         table.add_row(name, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['bytes']:,}", bpt, fert)
-    Console().print(table)
-    Console().print(
+    out.print(table)
+    out.print(
         f"duplicates removed: {manifest['duplicates_removed']:,}   "
         f"invalid UTF-8 replaced: {manifest['replaced_invalid_utf8']:,}"
     )
@@ -95,7 +96,7 @@ def data_builtins() -> None:
         table.add_column(col)
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    Console().print(table)
+    out.print(table)
 
 
 @model_app.command("list")
@@ -116,7 +117,7 @@ def model_list(
         table.add_column(col, justify="right")
     for row in rows:
         table.add_row(*(f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row.values()))
-    Console().print(table)
+    out.print(table)
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -156,7 +157,48 @@ def _print_summary(summary: dict) -> None:
     for k in keys:
         v = summary.get(k)
         table.add_row(k, f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v)))
-    Console().print(table)
+    out.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out_dir: Annotated[Path, typer.Argument(help="output folder")],
+    to: Annotated[str, typer.Option("--to", help="target format (only 'hf')")] = "hf",
+    checkpoint: Annotated[Optional[str], typer.Option(help="checkpoint name or step (default: latest)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+) -> None:
+    """Export a run as a Hugging Face folder (LlamaForCausalLM or GPT2LMHeadModel + tokenizer)."""
+    from smallscale.export import export_hf
+
+    if to != "hf":
+        raise UserError(f"--to {to!r} is not supported; use --to hf")
+    path = export_hf(run_dir, out_dir, checkpoint=checkpoint, overwrite=overwrite)
+    out.print(f"exported to {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+@app.command("generate")
+def generate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="prompt text (repeatable)")],
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 100,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="sample from the k likeliest tokens")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = 0.95,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    checkpoint: Annotated[Optional[str], typer.Option(help="checkpoint name or step (default: latest)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Sample continuations from a trained run (KV cache)."""
+    from smallscale.eval.generate import generate_text
+    from smallscale.eval.runs import load_run
+
+    run = load_run(run_dir, checkpoint=checkpoint, device=device)
+    outputs = generate_text(run.model, run.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
+    for p, out in zip(prompt, outputs, strict=True):
+        print(p + out)
+        print("-" * 40)
 
 
 @app.command("quickstart")
@@ -180,7 +222,7 @@ def quickstart(
     run_dir = Path(run_cfg.out)
     summary = resume(run_dir, progress=progress) if (run_dir / "config.yaml").exists() else train(run_cfg, progress=progress)
     _print_summary(summary)
-    Console().print(f"run directory: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)")
+    out.print(f"run directory: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)")
 
 
 def main() -> None:

@@ -4,15 +4,26 @@ Two architectures map exactly:
   LlamaForCausalLM   position='rope',    norm='rmsnorm',   mlp='swiglu', bias=False, qk_norm=False
   GPT2LMHeadModel    position='learned', norm='layernorm', mlp='gelu',   bias=True,  qk_norm=False
 Embeddings may be tied or untied in both. Anything else is refused rather than approximated.
-Pure functions: saving the model and its tokenizer is the caller's job.
+
+`to_hf` converts a model in memory; `export_hf` turns a run directory into a folder that
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+import smallscale
+from smallscale.data.tokenizer import to_transformers
+from smallscale.errors import UserError
+from smallscale.eval.runs import load_run
 from smallscale.model.gpt import GPT, GPTConfig
 
 if TYPE_CHECKING:
@@ -149,3 +160,64 @@ def to_hf(model: GPT) -> transformers.PreTrainedModel:
     hf_model = hf_cls(hf_config).to(device=weight.device, dtype=weight.dtype)
     hf_model.load_state_dict({k: v.detach().contiguous() for k, v in state.items()}, strict=True)
     return hf_model.train(model.training)
+
+
+EXPORT_RECORD = "smallscale_export.json"
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = None, overwrite: bool = False) -> Path:
+    """Write the model of `run_dir` (its latest complete checkpoint, or `checkpoint`) with its tokenizer
+    as a Hugging Face folder at `out_dir`, plus `smallscale_export.json` naming the source run.
+
+    The folder is assembled next to `out_dir` and renamed into place, so `out_dir` is either absent
+    or complete. An existing non-empty `out_dir` is an error unless `overwrite`. Returns `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    is_empty_dir = out_dir.is_dir() and not any(out_dir.iterdir())
+    if out_dir.exists() and not is_empty_dir and not overwrite:
+        raise UserError(f"export folder {str(out_dir)!r} already exists and is not empty; choose a new folder or pass overwrite")
+    run = load_run(run_dir, checkpoint, device="cpu")
+    try:
+        hf_model = to_hf(run.model)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    hf_tokenizer = to_transformers(run.dataset_dir / "tokenizer.json")
+    hf_tokenizer.model_max_length = run.model_cfg.seq_len
+    # The model config leaves special ids to the tokenizer; generation needs them on the model too.
+    for config in (hf_model.config, hf_model.generation_config):
+        config.bos_token_id = hf_tokenizer.bos_token_id
+        config.eos_token_id = hf_tokenizer.eos_token_id
+        config.pad_token_id = hf_tokenizer.pad_token_id
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        hf_tokenizer.save_pretrained(tmp)
+        record = {
+            "source_run": str(run.run_dir),
+            "checkpoint": run.checkpoint.name,
+            "step": run.step,
+            "dataset_dir": str(run.dataset_dir),
+            "architecture": type(hf_model).__name__,
+            "smallscale_version": smallscale.__version__,
+        }
+        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder src to dst; an old dst is moved aside first and removed after."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None and old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink()

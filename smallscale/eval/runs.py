@@ -124,8 +124,8 @@ def load_run(
     try:
         model.load_state_dict(load_file(str(weights_path)))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise UserError(f"weights in {str(weights_path)!r} do not fit {str(run_dir / 'model.json')!r}: {first}") from None
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(f"weights in {str(weights_path)!r} do not fit {str(run_dir / 'model.json')!r}: {detail}") from None
     model.to(device)
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
     step = int(state.get("step", ckpt.name[len(STEP_PREFIX) :] if ckpt.name.startswith(STEP_PREFIX) else -1))
