@@ -23,7 +23,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Model presets.")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+stdout = Console(soft_wrap=True)
 
 DEFAULT_SOURCE = "builtin:tinyshakespeare"
 DEFAULT_DATASET = "data/tinyshakespeare"
@@ -70,8 +70,8 @@ def _print_manifest_summary(manifest: dict, out: Path) -> None:
         bpt = f"{s['bytes_per_token']:.3f}" if s["bytes_per_token"] else "-"
         fert = f"{s['fertility']:.3f}" if s["fertility"] else "-"
         table.add_row(name, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['bytes']:,}", bpt, fert)
-    out.print(table)
-    out.print(
+    stdout.print(table)
+    stdout.print(
         f"duplicates removed: {manifest['duplicates_removed']:,}   "
         f"invalid UTF-8 replaced: {manifest['replaced_invalid_utf8']:,}"
     )
@@ -96,7 +96,7 @@ def data_builtins() -> None:
         table.add_column(col)
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    out.print(table)
+    stdout.print(table)
 
 
 @model_app.command("list")
@@ -117,7 +117,7 @@ def model_list(
         table.add_column(col, justify="right")
     for row in rows:
         table.add_row(*(f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row.values()))
-    out.print(table)
+    stdout.print(table)
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -157,7 +157,7 @@ def _print_summary(summary: dict) -> None:
     for k in keys:
         v = summary.get(k)
         table.add_row(k, f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v)))
-    out.print(table)
+    stdout.print(table)
 
 
 @app.command("export")
@@ -174,7 +174,7 @@ def export_cmd(
     if to != "hf":
         raise UserError(f"--to {to!r} is not supported; use --to hf")
     path = export_hf(run_dir, out_dir, checkpoint=checkpoint, overwrite=overwrite)
-    out.print(f"exported to {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    stdout.print(f"exported to {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
 @app.command("generate")
@@ -222,7 +222,7 @@ def quickstart(
     run_dir = Path(run_cfg.out)
     summary = resume(run_dir, progress=progress) if (run_dir / "config.yaml").exists() else train(run_cfg, progress=progress)
     _print_summary(summary)
-    out.print(f"run directory: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)")
+    stdout.print(f"run directory: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)")
 
 
 def main() -> None:

@@ -189,19 +189,20 @@ def pick(logprobs: Sequence[float], choices: Sequence[str], metric: str = "acc")
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def stderr(p: float, n: int) -> float:
-    """Standard error of a mean of n Bernoulli outcomes with mean p (sample std, as lm-eval)."""
-    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+def stderr(p: float, n: int) -> float | None:
+    """Standard error of a mean of n Bernoulli outcomes with mean p (sample std, as lm-eval);
+    None for a single example (JSON has no NaN)."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
 
 
 def choice_accuracy(
     logprobs: Sequence[Sequence[float]], choices: Sequence[Sequence[str]], golds: Sequence[int]
-) -> dict[str, float | int]:
+) -> dict[str, float | int | None]:
     """acc, acc_norm, acc_bytes (see NORMALISATIONS), their standard errors, and n, over examples."""
     n = len(golds)
     if n == 0:
         raise UserError("no examples to score; check the task's data and limit")
-    out: dict[str, float | int] = {}
+    out: dict[str, float | int | None] = {}
     for metric in NORMALISATIONS:
         correct = sum(pick(lp, ch, metric) == gold for lp, ch, gold in zip(logprobs, choices, golds, strict=True))
         out[metric] = correct / n
