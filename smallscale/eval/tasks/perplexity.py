@@ -147,3 +147,59 @@ def text_loss(
         "stride": stride or seq_len,
         "context": seq_len,
     }
+
+
+# ----------------------------------------------------------------------------- named tasks
+# Raw-text corpora scored document by document (bits per byte compare across tokenizers).
+TEXT_TASKS: dict[str, dict] = {
+    "wikitext2": {"source": "builtin:wikitext2-test", "hub": "Salesforce/wikitext (wikitext-2-v1, test)",
+                  "note": "tokenised v1 text (<unk>, @-@); one document per article"},
+    "tinyshakespeare": {"source": "builtin:tinyshakespeare", "tail_fraction": 0.1, "hub": None,
+                        "note": "last 10% of the speeches (char-rnn/nanoGPT convention); overlaps the training "
+                                "text of a run prepared from builtin:tinyshakespeare"},
+    "flores_swh": {"source": "builtin:flores-swh-devtest", "hub": "openlanguagedata/flores_plus (swh_Latn, devtest)",
+                   "note": "1,012 sentences, each scored alone"},
+    "flores_eng": {"source": "builtin:flores-eng-devtest", "hub": "openlanguagedata/flores_plus (eng_Latn, devtest)",
+                   "note": "1,012 sentences, each scored alone"},
+}  # fmt: skip
+
+
+def run_text_task(
+    name: str,
+    model: nn.Module,
+    tokenizer,
+    data_root: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    stride: int | None = None,
+) -> dict:
+    """Loss, perplexities and bits per byte of one of TEXT_TASKS (`limit` = first N documents)."""
+    from smallscale.data import sources
+    from smallscale.data.tokenizer import eos_id
+
+    spec = TEXT_TASKS[name]
+    docs = list(sources.iter_documents(spec["source"], sources.SourceOptions(data_root=str(data_root) if data_root else None)))
+    if "tail_fraction" in spec:
+        docs = docs[int(len(docs) * (1 - spec["tail_fraction"])) :]
+    docs = docs[:limit] if limit else docs
+    device = device or next(model.parameters()).device
+    seq_len = model.cfg.seq_len
+    result = text_loss(model, tokenizer, docs, seq_len, eos_id(tokenizer), batch_size, stride, device)
+    return {**result, "n": len(docs), "settings": {"source": spec["source"], "hub_id": spec["hub"], "note": spec["note"],
+                                                   "stride": stride or seq_len, "context": seq_len, "limit": limit}}  # fmt: skip
+
+
+def run_heldout(
+    model: nn.Module,
+    tokenizer,
+    dataset_dir: str | Path,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    split: str = "val",
+) -> dict:
+    """The held-out split of the prepared dataset the run was trained on (every token scored once)."""
+    device = torch.device(device or next(model.parameters()).device)
+    result = split_loss(model, dataset_dir, model.cfg.seq_len, batch_size, device, split=split)
+    return {**result, "n": result["tokens"], "settings": {"dataset": str(dataset_dir), "split": split,
+                                                          "context": model.cfg.seq_len}}  # fmt: skip
