@@ -54,6 +54,7 @@ def encode_request(tokenizer: Tokenizer, context: str, continuation: str) -> tup
 
 
 def encode_requests(tokenizer: Tokenizer, requests: Sequence[Request]) -> list[tuple[list[int], list[int]]]:
+    """`encode_request` for many requests at once."""
     prefix = [eos_id(tokenizer)]
     contexts, continuations = [], []
     for context, continuation in requests:

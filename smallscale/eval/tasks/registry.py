@@ -1,0 +1,91 @@
+"""Zero-shot tasks by name, and `run_task`: what `smallscale eval RUN_DIR --tasks ...` calls.
+
+Names: the built-in tasks in `TASKS`, or `generic:PATH` for a spec file (see `generic.py`).
+Every task returns a JSON-serialisable dict: its metrics, `n`, and `settings` (prompt, scoring,
+normalisation, limit, batch size, data files with sha256) so a number can be traced to how it was
+made. `run_task` adds the run, checkpoint and wall time; `save_result` writes RUN_DIR/eval/<task>.json.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smallscale.errors import UserError
+from smallscale.eval.runs import LoadedRun
+from smallscale.eval.tasks.generic import run_generic
+from smallscale.eval.tasks.minimal_pairs import run_blimp
+from smallscale.eval.tasks.multiple_choice import run_arc_easy, run_hellaswag, run_piqa, run_winogrande
+from smallscale.io import atomic_write_json
+
+# (model, tokenizer, data_root=None, limit=None, batch_size=..., device=None, **task options) -> dict
+TaskFn = Callable[..., dict]
+
+TASKS: dict[str, TaskFn] = {
+    "blimp": run_blimp,  # limit = pairs per paradigm; option paradigms=[...]
+    "hellaswag": run_hellaswag,
+    "piqa": run_piqa,
+    "arc_easy": run_arc_easy,
+    "winogrande": run_winogrande,
+}
+GENERIC_PREFIX = "generic:"
+
+
+def get_task(name: str) -> TaskFn:
+    """The task function for `name` (a key of TASKS, or generic:PATH to a spec file)."""
+    if name.startswith(GENERIC_PREFIX):
+        spec_path = name[len(GENERIC_PREFIX) :]
+        if not spec_path:
+            raise UserError("task 'generic:' needs a spec file, e.g. generic:tasks/sentiment.yaml")
+
+        def run(model, tokenizer, data_root=None, **kwargs) -> dict:  # a spec names its own data file
+            return run_generic(spec_path, model, tokenizer, **kwargs)
+
+        return run
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, or generic:PATH for a spec file")
+    return TASKS[name]
+
+
+def run_task(
+    name: str,
+    run: LoadedRun,
+    data_root: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    **task_options: Any,
+) -> dict:
+    """Evaluate the loaded run on task `name`. None for limit / batch_size keeps the task's default
+    (all examples; a batch size suited to its lengths); device defaults to the model's."""
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be a positive number of examples, got {limit}")
+    task = get_task(name)
+    given = {"limit": limit, "batch_size": batch_size}
+    started = time.perf_counter()
+    result = task(run.model, run.tokenizer, data_root=data_root, device=device, **{k: v for k, v in given.items() if v is not None}, **task_options)
+    return {
+        "task": name,
+        "run_dir": str(run.run_dir),
+        "checkpoint": run.checkpoint.name,
+        "step": run.step,
+        "wall_s": round(time.perf_counter() - started, 3),
+        **result,
+    }
+
+
+def result_path(run_dir: str | Path, name: str) -> Path:
+    """RUN_DIR/eval/<task>.json; a generic task is stored as generic-<spec stem>.json."""
+    stem = f"generic-{Path(name[len(GENERIC_PREFIX) :]).stem}" if name.startswith(GENERIC_PREFIX) else name
+    return Path(run_dir) / "eval" / f"{stem}.json"
+
+
+def save_result(run_dir: str | Path, name: str, result: dict) -> Path:
+    """Write `result` atomically to `result_path(run_dir, name)` and return that path."""
+    path = result_path(run_dir, name)
+    atomic_write_json(path, result)
+    return path
