@@ -201,6 +201,50 @@ def generate_cmd(
         print("-" * 40)
 
 
+@app.command("eval")
+def eval_cmd(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="a run directory")] = None,
+    tasks: Annotated[str, typer.Option(help="comma-separated task names (see --list) or generic:SPEC.yaml")] = "heldout",
+    limit: Annotated[Optional[int], typer.Option(help="examples per task (BLiMP: per paradigm) for quick checks")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="batch size (default: per task)")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="checkpoint name or step (default: latest)")] = None,
+    data_root: Annotated[Optional[str], typer.Option(help="folder of the evaluation data (else $SMALLSCALE_DATA_ROOT)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="TASK.KEY=VALUE task setting, e.g. generation.temperature=0")] = None,
+    list_tasks: Annotated[bool, typer.Option("--list", help="list the task names and exit")] = False,
+) -> None:
+    """Evaluate a run; each task writes RUN_DIR/eval/<task>.json (metrics, n, exact settings)."""
+    from smallscale.config import parse_overrides
+
+    from smallscale.eval.runs import load_run
+    from smallscale.eval.tasks.registry import RUN_TASKS, TASKS, run_task, save_result
+
+    if list_tasks:
+        stdout.print("\n".join([*TASKS, *RUN_TASKS, "generic:SPEC.yaml"]))
+        return
+    if run_dir is None:
+        raise UserError("give a run directory: smallscale eval RUN_DIR --tasks heldout,blimp")
+    task_options = parse_overrides(option or [])
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    for extra in set(task_options) - set(names):
+        raise UserError(f"--option for {extra!r}, which is not among --tasks {','.join(names)}")
+    run = load_run(run_dir, checkpoint=checkpoint, device=device)
+    table = Table(title=f"{run_dir} (step {run.step})")
+    for col in ("task", "metric", "value", "n", "seconds", "file"):
+        table.add_column(col)
+    for name in names:
+        try:
+            result = run_task(name, run, data_root=data_root, limit=limit, batch_size=batch_size, device=device,
+                              **task_options.get(name, {}))  # fmt: skip
+        except TypeError as exc:  # an option the task does not take
+            raise UserError(f"task {name!r}: {exc}") from None
+        path = save_result(run_dir, name, result)
+        metric = next((k for k in ("bpb", "acc", "accuracy", "chrf") if isinstance(result.get(k), (int, float))), None)
+        value = f"{result[metric]:.4f}" if metric else "-"
+        table.add_row(name, metric or "-", value, str(result.get("n", "-")), f"{result['wall_s']:.1f}", str(path))
+    stdout.print(table)
+
+
 @app.command("quickstart")
 def quickstart(
     data_dir: Annotated[Path, typer.Option(help="dataset folder")] = Path(DEFAULT_DATASET),

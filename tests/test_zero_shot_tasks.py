@@ -24,7 +24,7 @@ from smallscale.eval.scoring import LLResult, Scorer
 from smallscale.eval.tasks.generic import evaluate_generic, run_generic
 from smallscale.eval.tasks.minimal_pairs import BLIMP_FILES, evaluate_minimal_pairs, load_blimp
 from smallscale.eval.tasks.multiple_choice import CHOICE_TASKS, evaluate_choices, load_choice_task
-from smallscale.eval.tasks.registry import TASKS, result_path, run_task, save_result
+from smallscale.eval.tasks.registry import result_path, run_task, save_result
 from smallscale.model.gpt import GPT, GPTConfig
 from tests.conftest import SHARED_DATA, synthetic_docs
 
@@ -188,7 +188,7 @@ def test_choice_task_counts_and_oracle(task):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("task", [t for t in TASKS if t != "blimp"])
+@pytest.mark.parametrize("task", ["hellaswag", "piqa", "arc_easy", "winogrande"])
 def test_registry_runs_each_choice_task_on_a_tiny_model(run, task, tmp_path):
     result = run_task(task, run, limit=LIMIT)
     assert result["task"] == task and result["n"] == LIMIT and result["step"] == 3

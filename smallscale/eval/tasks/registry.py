@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,12 @@ import torch
 
 from smallscale.errors import UserError
 from smallscale.eval.runs import LoadedRun
+from smallscale.eval.tasks.classification import CLASSIFICATION_TASKS, run_finetune, run_zero_shot
+from smallscale.eval.tasks.generation import run_generation
 from smallscale.eval.tasks.generic import run_generic
 from smallscale.eval.tasks.minimal_pairs import run_blimp
 from smallscale.eval.tasks.multiple_choice import run_arc_easy, run_hellaswag, run_piqa, run_winogrande
+from smallscale.eval.tasks.perplexity import TEXT_TASKS, run_heldout, run_text_task
 from smallscale.io import atomic_write_json
 
 # (model, tokenizer, data_root=None, limit=None, batch_size=..., device=None, **task options) -> dict
@@ -31,6 +35,33 @@ TASKS: dict[str, TaskFn] = {
     "piqa": run_piqa,
     "arc_easy": run_arc_easy,
     "winogrande": run_winogrande,
+    **{name: partial(run_text_task, name) for name in TEXT_TASKS},  # bits per byte on raw text
+    **{f"{name}_zeroshot": partial(run_zero_shot, name) for name in CLASSIFICATION_TASKS},
+}
+
+
+def _finetune(name: str, run: LoadedRun, data_root=None, limit=None, batch_size=None, device=None, **opts) -> dict:
+    # limit = examples for training and for evaluation (fast checks); the full splits otherwise
+    hp = {"batch_size": batch_size} if batch_size else {}
+    return run_finetune(name, run.model, run.tokenizer, data_root=data_root, device=device or "cpu",
+                        limit_train=limit, limit_eval=limit, **hp, **opts)  # fmt: skip
+
+
+def _heldout(run: LoadedRun, data_root=None, limit=None, batch_size=None, device=None, **opts) -> dict:
+    return run_heldout(run.model, run.tokenizer, run.dataset_dir, batch_size=batch_size or 16, device=device, **opts)
+
+
+def _generation(run: LoadedRun, data_root=None, limit=None, batch_size=None, device=None, **opts) -> dict:
+    # writes RUN_DIR/eval/samples.jsonl (prompt, continuation, reference, settings) for human evaluation
+    return run_generation(run.model, run.tokenizer, run.dataset_dir, Path(run.run_dir) / "eval", n_prompts=limit or 100,
+                          device=device or "cpu", **({"batch_size": batch_size} if batch_size else {}), **opts)  # fmt: skip
+
+
+# Tasks that need the run itself (its dataset, its folder), not only model and tokenizer.
+RUN_TASKS: dict[str, Callable[..., dict]] = {
+    "heldout": _heldout,
+    "generation": _generation,
+    **{f"{name}_finetune": partial(_finetune, name) for name in CLASSIFICATION_TASKS},
 }
 GENERIC_PREFIX = "generic:"
 
@@ -47,7 +78,8 @@ def get_task(name: str) -> TaskFn:
 
         return run
     if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, or generic:PATH for a spec file")
+        known = ", ".join([*TASKS, *RUN_TASKS])
+        raise UserError(f"unknown task {name!r}; choose from {known}, or generic:PATH for a spec file")
     return TASKS[name]
 
 
@@ -64,17 +96,20 @@ def run_task(
     (all examples; a batch size suited to its lengths); device defaults to the model's."""
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of examples, got {limit}")
-    task = get_task(name)
     given = {"limit": limit, "batch_size": batch_size}
     started = time.perf_counter()
-    result = task(run.model, run.tokenizer, data_root=data_root, device=device, **{k: v for k, v in given.items() if v is not None}, **task_options)
+    if name in RUN_TASKS:
+        result = RUN_TASKS[name](run, data_root=data_root, limit=limit, batch_size=batch_size, device=device, **task_options)
+    else:
+        task = get_task(name)
+        result = task(run.model, run.tokenizer, data_root=data_root, device=device, **{k: v for k, v in given.items() if v is not None}, **task_options)
     return {
+        **result,
         "task": name,
         "run_dir": str(run.run_dir),
         "checkpoint": run.checkpoint.name,
         "step": run.step,
         "wall_s": round(time.perf_counter() - started, 3),
-        **result,
     }
 
 
