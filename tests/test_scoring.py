@@ -78,9 +78,22 @@ def test_truncation_keeps_the_continuation_and_the_last_context_tokens(model, to
     assert full.logprob == pytest.approx(short.logprob, abs=1e-5)
 
 
-def test_a_continuation_longer_than_the_context_window_is_an_error(model, tok):
-    with pytest.raises(UserError, match="exceeds the model's context"):
-        loglikelihood(model, tok, [("The", " cat sat" * 20)])
+@torch.no_grad()
+def test_a_continuation_longer_than_the_context_is_scored_in_rolling_windows(model, tok):
+    ctx, cont = encode_request(tok, "The", " cat sat" * 20)
+    assert len(cont) > SEQ_LEN
+    (result,) = loglikelihood(model, tok, [("The", " cat sat" * 20)])
+    full = ctx + cont
+    total = 0.0  # each token conditioned on the window that ends with its chunk (chunks of SEQ_LEN from the end)
+    end = len(full)
+    while end > len(ctx):
+        n = min(SEQ_LEN, end - len(ctx))
+        window = full[max(0, end - SEQ_LEN - 1) : end]
+        for j in range(len(window) - n, len(window)):
+            total += model(torch.tensor([window[:j]])).logits[0, -1].double().log_softmax(-1)[window[j]].item()
+        end -= n
+    assert result.n_tokens == len(cont)
+    assert result.logprob == pytest.approx(total, abs=1e-4)
 
 
 def test_empty_context_is_conditioned_on_eos(tok):

@@ -77,14 +77,22 @@ def encode_requests(tokenizer: Tokenizer, requests: Sequence[Request]) -> list[t
     return pairs
 
 
-def _window(ctx: list[int], cont: list[int], seq_len: int) -> list[int]:
-    """The last seq_len + 1 tokens of context + continuation (the model reads all but the last)."""
-    if len(cont) > seq_len:
-        raise UserError(
-            f"a continuation of {len(cont)} tokens exceeds the model's context of {seq_len} tokens; "
-            "shorten the task's answers or use a model with a longer seq_len"
-        )
-    return (ctx + cont)[-(seq_len + 1) :]
+def _windows(ctx: list[int], cont: list[int], seq_len: int) -> list[tuple[list[int], int]]:
+    """(window tokens, number of continuation tokens it scores) covering the whole continuation.
+
+    Usually one window: the last seq_len + 1 tokens of context + continuation (the model reads all
+    but the last). A continuation longer than the context is scored in chunks of seq_len tokens,
+    each conditioned on the seq_len tokens before its end (the `loglikelihood_rolling` rule), so
+    every continuation token is scored exactly once and nothing is silently dropped.
+    """
+    full = ctx + cont
+    pieces = []
+    end = len(full)
+    while end > len(ctx):
+        n_scored = min(seq_len, end - len(ctx))
+        pieces.append((full[max(0, end - seq_len - 1) : end], n_scored))
+        end -= n_scored
+    return pieces[::-1] or [(full[-(seq_len + 1) :], 0)]
 
 
 @torch.inference_mode()
@@ -106,14 +114,16 @@ def loglikelihood(
     # One entry per distinct (tokens, continuation length): BLiMP, for one, repeats sentences.
     index_of: dict[tuple[tuple[int, ...], int], int] = {}
     unique: list[tuple[list[int], int]] = []  # (window tokens, continuation length)
-    slot = []
+    slots: list[list[int]] = []  # per request, the unique windows whose scores add up to its score
     for ctx, cont in pairs:
-        window = _window(ctx, cont, seq_len)
-        key = (tuple(window), len(cont))
-        if key not in index_of:
-            index_of[key] = len(unique)
-            unique.append((window, len(cont)))
-        slot.append(index_of[key])
+        slot = []
+        for window, n_scored in _windows(ctx, cont, seq_len):
+            key = (tuple(window), n_scored)
+            if key not in index_of:
+                index_of[key] = len(unique)
+                unique.append((window, n_scored))
+            slot.append(index_of[key])
+        slots.append(slot)
 
     scores: list[LLResult | None] = [None] * len(unique)
     # Longest first: the first batch shows the peak memory at once; ties by tokens for determinism.
@@ -132,7 +142,14 @@ def loglikelihood(
                 scores[i] = result
     finally:
         model.train(was_training)
-    return [scores[j] for j in slot]
+    return [_combine([scores[j] for j in slot]) for slot in slots]
+
+
+def _combine(parts: list[LLResult | None]) -> LLResult:
+    assert all(p is not None for p in parts)
+    if len(parts) == 1:
+        return parts[0]
+    return LLResult(sum(p.logprob for p in parts), all(p.is_greedy for p in parts), sum(p.n_tokens for p in parts))
 
 
 def _score_batch(model: nn.Module, items: list[tuple[list[int], int]], device: torch.device) -> list[LLResult]:
