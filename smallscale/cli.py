@@ -270,6 +270,10 @@ def quickstart(
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "resume", "quickstart"):
+        from smallscale.launch import ensure_cpu_allocator_env
+
+        ensure_cpu_allocator_env()  # re-exec once with glibc malloc thresholds raised (CPU speed)
     try:
         app()
     except UserError as exc:

@@ -136,10 +136,50 @@ class KVCache:
         self.length = 0
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, statistics in fp32, output in
+    `out_dtype`. torch's rms_norm is a composite on CPU (pow, mean, rsqrt, two muls forward and
+    autograd through each): here one reduction and three elementwise passes forward, about ten
+    backward, against about twice that, for the same result to fp32 rounding."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+        stats_dtype = torch.promote_types(x.dtype, torch.float32)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats_dtype)  # (..., 1)
+        rstd = norm.square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.mul(x, rstd).mul_(weight).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        grad = grad.to(rstd.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * x).mul_(rstd).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_x_hat = grad * weight  # (..., C)
+        # grad_x = g_hat * rstd - x * rstd^3 * mean(g_hat * x); where x^2 overflowed (rstd = 0) this
+        # is nan, as autograd through the composite gives, rather than a silent zero
+        coef = (grad_x_hat * x).mean(dim=-1, keepdim=True).mul_(rstd.pow(3))  # (..., 1)
+        grad_x = torch.addcmul(grad_x_hat.mul_(rstd), x, coef, value=-1.0)
+        return grad_x.to(x.dtype), grad_weight, None, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters and state dict) computed by `_RMSNormFunction`. Under autocast the
+    output is already in the autocast dtype, which the Linear after every norm would cast it to."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        assert self.weight is not None and self.eps is not None, "built by make_norm / with eps"
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
+
+
 def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "layernorm":
         return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, dropout_p: float) -> Tensor:
@@ -164,49 +204,88 @@ def _matmul_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(probs, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
 
 
-CE_CHUNK_ROWS = 128  # rows of logits per pass: 128 x 8192 fp32 = 4 MiB, about one core's L2
+class _LinearCrossEntropy(torch.autograd.Function):
+    """logits = h @ weight^T and their mean cross-entropy over targets != -100, in one autograd node
+    that computes d loss / d logits = softmax - one_hot(target) during the forward pass.
 
+    Why: F.cross_entropy on bf16 logits converts them to fp32, materialises fp32 log-probabilities,
+    then in backward zero-fills and scatters an fp32 gradient, converts it back and scales it: about
+    eight passes over the (N, V) logits, which on a CPU cost more than the output matmul itself.
+    Here one softmax kernel writes the unscaled gradient in the logits' dtype, and the backward
+    scales the two small matmul outputs (N, C) and (V, C) instead of the (N, V) gradient.
 
-class _CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over rows whose target is not -100, with d loss / d logits computed in the
-    forward pass, chunk by chunk while the chunk is in cache, and kept in the logits' dtype.
-
-    F.cross_entropy on bf16 logits converts them to fp32, materialises fp32 log-probabilities, then in
-    backward zero-fills and scatters an fp32 gradient and converts it back: eight passes over (N, V)
-    values, which on a CPU cost more than the output matmul. Here: log_softmax and exp per chunk in
-    cache, one write of the gradient, one scaling pass in backward.
+    Eager, the loss is -log(softmax[target]) from that softmax: exact in fp32; under bf16 autocast
+    the probabilities are bf16, which moves a token's loss by at most ~0.002 nats (2^-9 relative in
+    the probability), less than rounding the logits to bf16 already does; a target probability that
+    underflows to 0 falls back to an exact log_softmax of its row. Under torch.compile, where such
+    data-dependent indexing would split the graph, loss and softmax come exactly from one fp32
+    logsumexp, which inductor fuses into the same passes.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:  # logits (N, V), targets (N,)
-        valid = targets != -100
-        safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # (N, 1)
-        row_weight = (valid / valid.sum()).unsqueeze(1)  # (N, 1): a kept row's share of the mean; no rows -> nan
-        need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(logits) if need_grad else None
-        target_logprobs = torch.empty(logits.size(0), 1, dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.size(0), CE_CHUNK_ROWS):
-            rows = slice(start, start + CE_CHUNK_ROWS)
-            logprobs = torch.log_softmax(logits[rows], dim=1, dtype=torch.float32)  # (n, V)
-            torch.gather(logprobs, 1, safe_targets[rows], out=target_logprobs[rows])
-            if need_grad:  # (softmax - one_hot(target)) * row_weight
-                probs = logprobs.exp_()
-                probs.scatter_add_(1, safe_targets[rows], torch.full_like(target_logprobs[rows], -1.0))
-                torch.mul(probs, row_weight[rows], out=grad[rows])
-        if need_grad:
-            ctx.save_for_backward(grad)
-        return -(target_logprobs * row_weight).sum()
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        # h (N, C), weight (V, C), targets (N,) -> logits (N, V), loss ()
+        ctx.dtypes = h.dtype, weight.dtype
+        device_type = h.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            h, weight = h.to(dtype), weight.to(dtype)
+        logits = h @ weight.t()  # (N, V)
+        valid = targets != -100  # (N,)
+        safe_targets = torch.where(valid, targets, 0)
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            lse = torch.logsumexp(logits.float(), dim=1, keepdim=True)  # (N, 1)
+            target_logprobs = (logits.gather(1, safe_targets[:, None]).float() - lse).squeeze(1)
+            probs = torch.exp(logits.float() - lse).to(logits.dtype)
+        else:
+            probs = torch.softmax(logits, dim=1)  # (N, V), logits' dtype; becomes d loss / d logits below
+            target_probs = probs.gather(1, safe_targets[:, None]).squeeze(1).float()  # (N,)
+            target_logprobs = target_probs.log()
+            underflow = (target_probs == 0).nonzero().squeeze(1)
+            if underflow.numel():
+                exact = torch.log_softmax(logits[underflow].float(), dim=1)
+                target_logprobs[underflow] = exact.gather(1, safe_targets[underflow, None]).squeeze(1)
+        n_valid = valid.sum()
+        loss = -(target_logprobs * valid).sum() / n_valid  # no kept rows -> nan, as F.cross_entropy
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            rows = torch.arange(len(targets), device=targets.device)
+            # index_put_ rather than scatter_: scatter on bf16 converts the whole tensor (torch 2.13, CPU)
+            probs.index_put_((rows, safe_targets), torch.tensor(-1.0, dtype=probs.dtype), accumulate=True)
+            if compiling:
+                probs.masked_fill_(~valid[:, None], 0.0)
+            else:  # touch only the ignored rows, not all of (N, V)
+                probs.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)
+            ctx.save_for_backward(h, weight, probs, n_valid)
+        ctx.set_materialize_grads(False)
+        return logits, loss
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None]:
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None
+    def backward(ctx, grad_logits: Tensor | None, grad_loss: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:
+        h, weight, dlogits, n_valid = ctx.saved_tensors
+        if grad_loss is None:  # only the logits were used
+            grad_logits, scale = grad_logits.to(dlogits.dtype), None
+        else:
+            scale = grad_loss / n_valid
+            if grad_logits is not None:  # the logits fed another loss too: fold ours in at full size
+                grad_logits, scale = dlogits * scale.to(dlogits.dtype) + grad_logits, None
+            else:
+                grad_logits = dlogits
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad_logits @ weight).to(ctx.dtypes[0])  # (N, C)
+            grad_h = grad_h if scale is None else grad_h.mul_(scale)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_logits.t() @ h).to(ctx.dtypes[1])  # (V, C)
+            grad_w = grad_w if scale is None else grad_w.mul_(scale)
+        return grad_h, grad_w, None
 
 
-def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of logits (N, V) against targets (N,), ignoring targets equal to -100; the
-    same value and gradient as F.cross_entropy(logits.float(), targets, ignore_index=-100)."""
-    return _CrossEntropy.apply(logits, targets)
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits, loss) for h (N, C), weight (V, C), targets (N,): logits = h @ weight^T (N, V) and the
+    mean cross-entropy over targets != -100, with the value and gradients of
+    F.cross_entropy(logits.float(), targets, ignore_index=-100)."""
+    return _LinearCrossEntropy.apply(h, weight, targets)
 
 
 class CausalSelfAttention(nn.Module):
@@ -218,8 +297,8 @@ class CausalSelfAttention(nn.Module):
         # rows [q | k | v], each with its heads contiguous (the layout of GPT-2's c_attn)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -351,11 +430,11 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = start + T
 
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return GPTOutput(logits, loss)
+        h = self.norm_f(x)  # (B, T, C)
+        if targets is None:
+            return GPTOutput(self.lm_head(h), None)  # (B, T, V)
+        logits, loss = linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        return GPTOutput(logits.view(B, T, -1), loss)
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KVCache on this model's device and dtype."""

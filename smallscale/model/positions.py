@@ -46,15 +46,35 @@ def rope_cos_sin(
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """[x1, x2] -> [-x2, x1] over the last dim: pairs dimension i with i + hs/2 (non-interleaved)."""
+def swap_halves(x: Tensor) -> Tensor:
+    """[x1, x2] -> [x2, x1] over the last dim: pairs dimension i with i + hs/2 (non-interleaved)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    """x * cos + [-x2, x1] * sin, written as x * cos + swap_halves(x) * signed_sin with
+    signed_sin = [-sin1, sin2], in three passes over x each way (autograd of the plain expression
+    takes eight, plus their temporaries). The rotation is orthogonal, so the backward is the
+    rotation by the opposite angle: g * cos - swap_halves(g) * signed_sin."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, signed_sin)
+        return torch.mul(x, cos).addcmul_(swap_halves(x), signed_sin)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, signed_sin = ctx.saved_tensors
+        return torch.mul(grad, cos).addcmul_(swap_halves(grad), signed_sin, value=-1.0), None, None
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate queries or keys x (B, nh, T, hs) by their positions' angles; cos, sin are (T, hs)."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    """Rotate queries or keys x (..., T, hs) by their positions' angles; cos, sin are (T, hs) with
+    equal halves (the `rope_cos_sin` layout), cast to x's dtype as transformers' Llama does."""
+    half = sin.size(-1) // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return _Rotary.apply(x, cos.to(x.dtype), signed_sin.to(x.dtype))
 
 
 def alibi_slopes(n_head: int) -> Tensor:
