@@ -18,6 +18,8 @@ ctx_b first. Its cleanup (`hellaswag_preprocess`) is applied again here (a no-op
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -230,49 +232,8 @@ def run_choice_task(
     return result
 
 
-def run_hellaswag(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    data_root: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-) -> dict:
-    """HellaSwag validation (10,042 items, 4 endings each)."""
-    return run_choice_task(HELLASWAG, model, tokenizer, data_root, limit, batch_size, device)
-
-
-def run_piqa(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    data_root: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-) -> dict:
-    """PIQA validation (1,838 items, 2 solutions each)."""
-    return run_choice_task(PIQA, model, tokenizer, data_root, limit, batch_size, device)
-
-
-def run_arc_easy(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    data_root: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-) -> dict:
-    """ARC-Easy test (2,376 questions, 3-5 choices)."""
-    return run_choice_task(ARC_EASY, model, tokenizer, data_root, limit, batch_size, device)
-
-
-def run_winogrande(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    data_root: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-) -> dict:
-    """WinoGrande dev (1,267 items, 2 options, partial scoring)."""
-    return run_choice_task(WINOGRANDE, model, tokenizer, data_root, limit, batch_size, device)
+# The four tasks differ only in their ChoiceTask definition (above: sizes, prompts, scoring).
+run_hellaswag = partial(run_choice_task, HELLASWAG)  # validation, 10,042 items, 4 endings
+run_piqa = partial(run_choice_task, PIQA)  # validation, 1,838 items, 2 solutions
+run_arc_easy = partial(run_choice_task, ARC_EASY)  # test, 2,376 questions, 3-5 choices
+run_winogrande = partial(run_choice_task, WINOGRANDE)  # dev, 1,267 items, 2 options, partial scoring
