@@ -16,12 +16,16 @@ from rich.console import Console
 from rich.table import Table
 
 from smallscale.errors import UserError
+from smallscale.humaneval.cli import humaneval_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Small-scale LM pretraining research.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora: tokenizer + token shards + manifest.")
 model_app = typer.Typer(no_args_is_help=True, help="Model presets.")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
+study_app = typer.Typer(no_args_is_help=True, help="Studies: grids of runs, results table, report.")
+app.add_typer(study_app, name="study")
+app.add_typer(humaneval_app, name="human-eval")
 console = Console(stderr=True, soft_wrap=True)
 stdout = Console(soft_wrap=True)
 
@@ -247,30 +251,158 @@ def eval_cmd(
 
 @app.command("quickstart")
 def quickstart(
-    data_dir: Annotated[Path, typer.Option(help="dataset folder")] = Path(DEFAULT_DATASET),
-    config: Annotated[Path, typer.Option(help="training config")] = Path("configs/quickstart-train.yaml"),
+    study: Annotated[Path, typer.Option(help="the study file")] = Path("configs/studies/quickstart.yaml"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="study directory")] = Path("studies/quickstart"),
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
-    """The main job on the built-in default: prepare tinyshakespeare, train a cpu-2m model, report.
+    """The main job on the built-in default: the quickstart study (17 runs on Tiny Shakespeare,
+    3 sizes x 2 data sizes, rope vs learned, AdamW vs Lion vs LAMB), evaluated, with its report.
 
-    Idempotent: an existing dataset is reused and an existing run is resumed (or just reported).
+    Idempotent: rerun it and finished runs are skipped, interrupted ones resume.
     """
-    from smallscale.config import validate
-    from smallscale.data.shards import PrepareConfig, prepare
-    from smallscale.train.trainer import load_run_config, resume, train
+    if not study.exists():
+        raise UserError(f"study file {str(study)!r} not found; run from the repository root or pass --study")
+    study_run(study, out=out, executor=None, workers=None, retry_failed=True, report=True, progress=progress)
 
-    if not (data_dir / "manifest.json").exists():
-        cfg = validate(PrepareConfig, {"source": DEFAULT_SOURCE, "out": str(data_dir), "vocab_size": 4096}, source="quickstart")
-        _print_manifest_summary(prepare(cfg, progress=progress), data_dir)
-    run_cfg = load_run_config(config, [f"data.path={data_dir}"])
-    run_dir = Path(run_cfg.out)
-    summary = resume(run_dir, progress=progress) if (run_dir / "config.yaml").exists() else train(run_cfg, progress=progress)
-    _print_summary(summary)
-    stdout.print(f"run directory: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)")
+
+# ----------------------------------------------------------------------------- studies
+@study_app.command("run")
+def study_run(
+    study: Annotated[Path, typer.Argument(help="a study file (see configs/studies/)")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="study directory (default: studies/<name>)")] = None,
+    executor: Annotated[Optional[str], typer.Option(help="local | pool | slurm | submitit-local (default: the file's)")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="concurrent runs for the pool executor")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="run failed runs again (they resume from checkpoints)")] = True,
+    report: Annotated[bool, typer.Option(help="write the results table and the report at the end")] = True,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Prepare the datasets, run every run not done yet (train + evals), write results and report.
+
+    Idempotent: rerun it after an interruption and finished runs are skipped, the others resume.
+    """
+    import time
+
+    from smallscale.study.executors import execute, plan
+    from smallscale.study.grid import load_study
+
+    started = time.perf_counter()
+    spec = load_study(study)
+    study_dir = out or Path("studies") / spec.name
+    spec, runs = plan(study, study_dir, progress=progress)
+    console.print(f"study {spec.name}: {len(runs)} runs in {study_dir}")
+    counts = execute(study_dir, runs, kind=executor or spec.executor.kind, workers=workers or spec.executor.workers,
+                     slurm=spec.executor.slurm, retry_failed=retry_failed, progress=progress)  # fmt: skip
+    _finish_study(study_dir, report)
+    stdout.print(", ".join(f"{n} {state}" for state, n in counts.items() if n) + f"  ({time.perf_counter() - started:.0f} s)")
+    if counts["failed"] or counts["interrupted"]:
+        console.print(f"some runs did not finish; see `smallscale study status {study_dir}`")
+        raise typer.Exit(1)
+
+
+def _finish_study(study_dir: Path, report: bool) -> None:
+    from smallscale.study.results import write_results
+
+    csv_path, _ = write_results(study_dir)
+    stdout.print(f"results: {csv_path} (+ .parquet)")
+    if report:
+        from smallscale.study.report import write_report
+
+        stdout.print(f"report: {write_report(study_dir)}")
+
+
+@study_app.command("plan")
+def study_plan(
+    study: Annotated[Path, typer.Argument(help="a study file")],
+    flops_per_s: Annotated[float, typer.Option(help="sustained training FLOP/s per device for the time estimate")] = 4e14,
+) -> None:
+    """List the runs a study file expands to, with tokens, FLOPs and an estimated device time (dry run).
+
+    Vocabulary sizes come from each dataset's `vocab_size` (or its manifest when `path` is given).
+    """
+    import torch
+
+    from smallscale.data.shards import load_manifest
+    from smallscale.model.gpt import GPT
+    from smallscale.study.grid import expand, load_study
+    from smallscale.train.trainer import ModelSection
+
+    spec = load_study(study)
+    vocab = {n: (load_manifest(d.path)["vocab_size"] if d.path else (d.model_extra or {}).get("vocab_size", 8192))
+             for n, d in spec.datasets.items()}  # fmt: skip
+    table = Table("run", "params", "tokens", "FLOPs", "hours")
+    total_flops = 0.0
+    runs = expand(spec, Path("studies") / spec.name, vocab)
+    for run in runs:
+        with torch.device("meta"):
+            model = GPT(ModelSection(**run.config["model"]).build(vocab[run.dataset]))
+        tokens = run.config["train"]["tokens"] or run.config["train"]["steps"] * run.config["train"]["global_batch_tokens"]
+        flops = model.flops_per_token() * tokens
+        total_flops += flops
+        table.add_row(run.id, f"{model.num_params():,}", f"{tokens:,}", f"{flops:.3g}", f"{flops / flops_per_s / 3600:.2f}")
+    stdout.print(table)
+    stdout.print(f"{len(runs)} runs, {total_flops:.3g} FLOPs = {total_flops / flops_per_s / 3600:.1f} device-hours at "
+                 f"{flops_per_s:.3g} FLOP/s (6N + 12·n_layer·d_model·seq_len per token)")  # fmt: skip
+
+
+@study_app.command("status")
+def study_status(study_dir: Annotated[Path, typer.Argument(help="a study directory")]) -> None:
+    """Each run's state (done / running / interrupted / failed / pending), with the reason."""
+    from smallscale.study.executors import load_runs, read_status
+
+    table = Table("run", "state", "stage / error", "val_bpb", "attempts")
+    totals: dict[str, int] = {}
+    for spec in load_runs(study_dir):
+        st = read_status(study_dir, spec.id)
+        totals[st["state"]] = totals.get(st["state"], 0) + 1
+        detail = st.get("error") or (st.get("stage") or "" if st["state"] == "running" else "")
+        bpb = f"{st['val_bpb']:.4f}" if isinstance(st.get("val_bpb"), float) else "-"
+        table.add_row(spec.id, st["state"], detail or "", bpb, str(st.get("attempts", 0)))
+    stdout.print(table)
+    stdout.print(", ".join(f"{n} {state}" for state, n in totals.items()))
+
+
+@study_app.command("results")
+def study_results(study_dir: Annotated[Path, typer.Argument(help="a study directory")]) -> None:
+    """(Re)write results.csv and results.parquet from the run directories."""
+    _finish_study(study_dir, report=False)
+
+
+@study_app.command("report")
+def study_report(study_dir: Annotated[Path, typer.Argument(help="a study directory")]) -> None:
+    """(Re)write the results table and the report (report/index.html, report/report.md)."""
+    _finish_study(study_dir, report=True)
+
+
+@app.command("fit")
+def fit_cmd(
+    table: Annotated[Path, typer.Argument(help="CSV or Parquet with one row per run")],
+    form: Annotated[str, typer.Option(help="chinchilla: L(N, D) = E + A/N^a + B/D^b;  n: L(N);  d: L(D)")] = "chinchilla",
+    n_col: Annotated[Optional[str], typer.Option(help="parameter-count column")] = "params",
+    d_col: Annotated[Optional[str], typer.Option(help="training-token column")] = "tokens_seen",
+    loss_col: Annotated[str, typer.Option(help="loss column (nats; one tokenizer)")] = "val_loss",
+    flop_col: Annotated[Optional[str], typer.Option(help="derive D = FLOP / 6N from this column instead of --d-col")] = None,
+    drop_highest: Annotated[int, typer.Option(help="drop this many highest-loss rows")] = 0,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for intervals (0: none)")] = 200,
+    scale: Annotated[str, typer.Option(help="chinchilla: 'fixed' Huber(1e-3) as published, or 'fitted' (Epoch's free-scale Huber likelihood)")] = "fixed",
+    out: Annotated[Optional[Path], typer.Option(help="write the fit as JSON here")] = None,
+) -> None:
+    """Fit a scaling law to a results table (e.g. STUDY_DIR/results.csv), with bootstrap intervals."""
+    from smallscale.io import atomic_write_json
+    from smallscale.study.scaling import fit_table
+
+    if form not in ("chinchilla", "n", "d"):
+        raise UserError(f"--form must be chinchilla, n or d, got {form!r}")
+    if scale not in ("fixed", "fitted"):
+        raise UserError(f"--scale must be fixed or fitted, got {scale!r}")
+    result = fit_table(table, form=form, n_col=n_col, d_col=None if flop_col else d_col, loss_col=loss_col,  # type: ignore[arg-type]
+                       flop_col=flop_col, drop_highest=drop_highest, n_boot=bootstrap, scale=scale)  # type: ignore[arg-type]  # fmt: skip
+    stdout.print_json(json.dumps(result, default=float))
+    if out is not None:
+        atomic_write_json(out, result)
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("train", "resume", "quickstart"):
+    if len(sys.argv) > 1 and (sys.argv[1] in ("train", "resume", "quickstart") or sys.argv[1:3] == ["study", "run"]):
         from smallscale.launch import ensure_cpu_allocator_env
 
         ensure_cpu_allocator_env()  # re-exec once with glibc malloc thresholds raised (CPU speed)

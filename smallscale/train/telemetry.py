@@ -136,6 +136,15 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
     return _measure_matmul_peak(device, dtype, seconds=1.0, size=4096), f"measured-{device.type}-matmul"
 
 
+def device_name(device: torch.device) -> str:
+    """'cpu: <model name>' or the CUDA device name, for results tables."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from smallscale.provenance import cpu_model
+
+    return f"cpu: {cpu_model()}"
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s as a fraction of `peak_flops`."""
     assert peak_flops > 0, peak_flops

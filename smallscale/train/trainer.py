@@ -360,6 +360,8 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         "peak_flops": peak_total,
         "peak_flops_source": peak_source,
         "peak_mem_bytes": telemetry.peak_memory_bytes(device),
+        "optimizer_state_bytes": _optimizer_state_bytes(optimizer),
+        "device": telemetry.device_name(device),
         "skipped_steps": skipped,
         "precision": precision,
         "world_size": info.world_size,
@@ -368,6 +370,16 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     if info.is_main:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors on this rank (moments etc.; what Q3 compares)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from smallscale.data.loader import val_batches
 from smallscale.data.shards import load_manifest
+from smallscale.errors import UserError
 
 
 @torch.no_grad()
@@ -161,6 +162,9 @@ TEXT_TASKS: dict[str, dict] = {
                    "note": "1,012 sentences, each scored alone"},
     "flores_eng": {"source": "builtin:flores-eng-devtest", "hub": "openlanguagedata/flores_plus (eng_Latn, devtest)",
                    "note": "1,012 sentences, each scored alone"},
+    "swahili_nt": {"source": "builtin:swahili-nt", "hub": None,
+                   "note": "Swahili New Testament, one document per chapter: out-of-domain (religious) Swahili "
+                           "for models trained on web/news text"},
 }  # fmt: skip
 
 
@@ -203,3 +207,48 @@ def run_heldout(
     result = split_loss(model, dataset_dir, model.cfg.seq_len, batch_size, device, split=split)
     return {**result, "n": result["tokens"], "settings": {"dataset": str(dataset_dir), "split": split,
                                                           "context": model.cfg.seq_len}}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- beyond the training context
+def run_length_extrapolation(
+    model: nn.Module,
+    tokenizer,
+    dataset_dir: str | Path,
+    factors: tuple[int, ...] | list[int] = (1, 2, 4),
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    split: str = "val",
+) -> dict:
+    """Held-out bits per byte with contexts of factor x the training context (every token scored once).
+
+    The same weights are evaluated in a model whose position tables run to the longer context:
+    sinusoidal, rotary, ALiBi and NoPE extend by formula; a learned table has no rows beyond
+    the training length, so those factors are reported as not applicable (with the reason).
+    Metrics `bpb_<k>x` / `loss_<k>x` per factor; `ratio_<k>x` = bpb_kx / bpb_1x.
+    """
+    from dataclasses import replace
+
+    from smallscale.model.gpt import GPT
+
+    device = torch.device(device or next(model.parameters()).device)
+    base = model.cfg
+    result: dict = {"settings": {"dataset": str(dataset_dir), "split": split, "train_context": base.seq_len,
+                                 "factors": list(factors), "position": base.position}}  # fmt: skip
+    state = model.state_dict()
+    for k in factors:
+        if k < 1 or int(k) != k:
+            raise UserError(f"length_extrapolation: factors must be positive integers, got {k!r}")
+        if k > 1 and base.position == "learned":
+            result["settings"]["not_applicable"] = "learned position tables have no rows beyond the training context"
+            continue
+        long_model = model if k == 1 else GPT(replace(base, seq_len=base.seq_len * k)).to(device)
+        if long_model is not model:
+            long_model.load_state_dict(state)  # position buffers are non-persistent: recomputed for the longer context
+            long_model.eval()
+        scores = split_loss(long_model, dataset_dir, base.seq_len * k, max(1, batch_size // k), device, split=split)
+        result[f"bpb_{k}x"], result[f"loss_{k}x"] = scores["bpb"], scores["loss"]
+    for k in factors:
+        if k > 1 and f"bpb_{k}x" in result and "bpb_1x" in result:
+            result[f"ratio_{k}x"] = result[f"bpb_{k}x"] / result["bpb_1x"]
+    result["n"] = load_manifest(dataset_dir)["splits"][split]["tokens"]
+    return result

@@ -23,7 +23,7 @@ from smallscale.eval.tasks.generation import run_generation
 from smallscale.eval.tasks.generic import run_generic
 from smallscale.eval.tasks.minimal_pairs import run_blimp
 from smallscale.eval.tasks.multiple_choice import run_arc_easy, run_hellaswag, run_piqa, run_winogrande
-from smallscale.eval.tasks.perplexity import TEXT_TASKS, run_heldout, run_text_task
+from smallscale.eval.tasks.perplexity import TEXT_TASKS, run_heldout, run_length_extrapolation, run_text_task
 from smallscale.io import atomic_write_json
 
 # (model, tokenizer, data_root=None, limit=None, batch_size=..., device=None, **task options) -> dict
@@ -51,6 +51,11 @@ def _heldout(run: LoadedRun, data_root=None, limit=None, batch_size=None, device
     return run_heldout(run.model, run.tokenizer, run.dataset_dir, batch_size=batch_size or 16, device=device, **opts)
 
 
+def _length_extrapolation(run: LoadedRun, data_root=None, limit=None, batch_size=None, device=None, **opts) -> dict:
+    return run_length_extrapolation(run.model, run.tokenizer, run.dataset_dir, device=device,
+                                    **({"batch_size": batch_size} if batch_size else {}), **opts)  # fmt: skip
+
+
 def _generation(run: LoadedRun, data_root=None, limit=None, batch_size=None, device=None, **opts) -> dict:
     # writes RUN_DIR/eval/samples.jsonl (prompt, continuation, reference, settings) for human evaluation
     return run_generation(run.model, run.tokenizer, run.dataset_dir, Path(run.run_dir) / "eval", n_prompts=limit or 100,
@@ -60,6 +65,7 @@ def _generation(run: LoadedRun, data_root=None, limit=None, batch_size=None, dev
 # Tasks that need the run itself (its dataset, its folder), not only model and tokenizer.
 RUN_TASKS: dict[str, Callable[..., dict]] = {
     "heldout": _heldout,
+    "length_extrapolation": _length_extrapolation,  # option factors=[1,2,4]
     "generation": _generation,
     **{f"{name}_finetune": partial(_finetune, name) for name in CLASSIFICATION_TASKS},
 }

@@ -1,0 +1,51 @@
+"""The cluster executor: one SLURM array task per run, through submitit.
+
+A preempted or timed-out task is requeued by submitit (`Checkpointable.checkpoint`), and the run
+picks up from its latest checkpoint because `run_one` always resumes. `cluster="local"` runs the
+same jobs with submitit's local executor (what the tests use; no SLURM needed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from smallscale.io import atomic_write_json
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """Picklable job: run (or resume) one run of a study. The inherited `checkpoint` resubmits the
+    same call on preemption/timeout, which resumes from the run's checkpoint."""
+
+    def __call__(self, study_dir: str, run_id: str) -> dict[str, Any]:
+        from smallscale.study.executors import run_one
+
+        return run_one(study_dir, run_id)
+
+
+def submit(study_dir: Path, run_ids: list[str], parameters: dict[str, Any], cluster: str | None = None) -> list[Any]:
+    """Submit one array job; writes STUDY_DIR/slurm/jobs.json (run id -> job id)."""
+    executor = submitit.AutoExecutor(folder=str(study_dir / "slurm" / "%j"), cluster=cluster)
+    params = dict(parameters)
+    params.setdefault("name", f"smallscale-{study_dir.name}")
+    executor.update_parameters(**params)
+    jobs = executor.map_array(RunJob(), [str(study_dir)] * len(run_ids), run_ids) if run_ids else []
+    atomic_write_json(study_dir / "slurm" / "jobs.json", {rid: job.job_id for rid, job in zip(run_ids, jobs, strict=True)})
+    return jobs
+
+
+def submit_and_wait(study_dir: Path, run_ids: list[str], parameters: dict[str, Any], cluster: str | None = None) -> None:
+    """Submit and block until every job has finished (a failed job is recorded by its run's status)."""
+    from smallscale.study.executors import _write_status, run_dir
+
+    for run_id, job in zip(run_ids, submit(study_dir, run_ids, parameters, cluster), strict=True):
+        try:
+            job.result()
+        except Exception as exc:  # the job died outside run_one (e.g. killed); record it on the run
+            status = run_dir(study_dir, run_id) / "status.json"
+            state = json.loads(status.read_text()).get("state") if status.exists() else None
+            if state != "done":
+                _write_status(status, state="failed", error=f"submitit job {job.job_id}: {str(exc).strip()[-300:]}")
