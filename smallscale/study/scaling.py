@@ -186,9 +186,10 @@ class ChinchillaFit:
 def _compute_optimal(C, A, B, alpha, beta) -> tuple[np.ndarray, np.ndarray]:
     """Closed form (Hoffmann et al. eq. 4): G = (alpha A / (beta B))^(1/(alpha+beta)),
     N* = G (C/6)^(beta/(alpha+beta)), D* = C / (6 N*). Broadcasts over parameters and C."""
-    G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
-    n_opt = G * (C / 6.0) ** (beta / (alpha + beta))
-    return n_opt, C / (6.0 * n_opt)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # degenerate bootstrap fits give inf/0
+        G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+        n_opt = G * (C / 6.0) ** (beta / (alpha + beta))
+        return n_opt, C / (6.0 * n_opt)
 
 
 def _power_law_params(theta: np.ndarray) -> dict[str, float]:
