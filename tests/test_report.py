@@ -247,3 +247,27 @@ def test_without_a_joint_grid_the_report_fits_one_variable_power_laws(tmp_path):
     assert fits["method"] == "power_laws" and [f["x"] for f in fits["power_laws"]] == ["tokens_seen"]
     assert fits["power_laws"][0]["fit"]["alpha"] == pytest.approx(0.28, abs=0.01)  # the planted beta
     assert "L(D) at 4M params: **α = 0.280" in fits["finding"]
+
+
+def test_tokenizer_section_pairs_bpe_and_unigram_with_fertility(tmp_path):
+    # Unigram planted 0.02 bits/byte worse than BPE on every size, with higher fertility; the
+    # datasets differ by name (one per tokenizer), which must not break the pairing.
+    rows = []
+    for preset in ("s", "m"):
+        for seed in (0, 1):
+            rows.append(make_run(preset, 8e6, seed=seed, dataset="sw-bpe", fertility=1.4, **{"eval.flores_swh.bpb": 2.0}))
+            uni = make_run(preset, 8e6, seed=seed, dataset="sw-unigram", tokenizer="unigram", fertility=1.6,
+                           delta_bpb=0.02 + 0.001 * seed, **{"eval.flores_swh.bpb": 2.1})  # fmt: skip
+            uni["run_id"] += "-unigram"
+            rows.append(uni)
+    root = write_study(tmp_path / "tok", rows)
+    write_report(root, n_boot=0)
+    tok = json.loads((root / "report" / "findings.json").read_text())["tokenizers"]
+    assert tok["baseline"] == "bpe" and tok["effects"]["unigram"]["n_pairs"] == 4
+    assert tok["effects"]["unigram"]["mean"] == pytest.approx(0.0205, abs=1e-3)
+    assert tok["effects"]["unigram"]["lo"] > 0  # the interval excludes no difference
+    assert tok["fertility"] == {"bpe": pytest.approx(1.4), "unigram": pytest.approx(1.6)}
+    assert tok["evals"]["flores_swh.bpb (unigram − bpe)"]["mean"] == pytest.approx(0.1)
+    assert "bpe beats unigram" in tok["finding"]
+    # a study with one tokenizer has no such section
+    assert "tokenizers" not in json.loads((write_report(write_study(tmp_path / "one", rows[::2]), n_boot=0).parent / "findings.json").read_text())

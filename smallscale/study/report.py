@@ -438,6 +438,41 @@ def _welch_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[floa
     return diff - half, diff + half
 
 
+def tokenizers(res: Results) -> Section | None:
+    """Only for studies that vary the tokenizer (e.g. BPE vs Unigram on one corpus): paired bits per
+    byte (the one loss comparable across tokenizers), fertility, and every paired eval metric."""
+    key, title = "tokenizers", "1b. Tokenizers"
+    runs = res.done("val_bpb")
+    if len({r.get("tokenizer") for r in runs if r.get("tokenizer") is not None}) < 2:
+        return None
+    groups = _pair_groups(runs, "tokenizer", companions=("dataset",))
+    if not groups:
+        return _unanswered(key, title, "Runs use several tokenizers, but no two done runs differ only in the tokenizer.")
+    base = _baseline(groups, "bpe")
+    effects = _paired(groups, base, "val_bpb")
+    finding = " ".join(_diff_sentence(v, base, e) for v, e in sorted(effects.items(), key=lambda kv: str(kv[0])))
+    fertility: dict[Any, list[float]] = defaultdict(list)
+    for r in runs:
+        if (f := _num(r, "fertility")) is not None:
+            fertility[r.get("tokenizer")].append(f)
+    tables = [_effects_table(f"Paired val_bpb differences vs {base} (bits/byte; negative = better than {base})", "tokenizer", effects)]
+    if fertility:
+        rows = [[str(t), f"{np.mean(v):.3f}"] for t, v in sorted(fertility.items(), key=lambda kv: str(kv[0]))]
+        tables.append(Table("Fertility: training-split tokens per whitespace word (lower = fewer tokens per word)",
+                            ["tokenizer", "fertility"], rows))  # fmt: skip
+        finding += " Fertility: " + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(fertility.items(), key=lambda kv: str(kv[0]))) + "."
+    evals = {}
+    for column in sorted(c for c in res.columns if c.startswith("eval.") and c.rsplit(".", 1)[-1] in ("bpb", "accuracy", "macro_f1")):
+        for value, eff in _paired(groups, base, column).items():
+            evals[f"{column[5:]} ({value} − {base})"] = eff
+    if evals:
+        tables.append(_effects_table(f"Paired differences of evaluation metrics vs {base} (bpb: lower is better; "
+                                     "accuracy, macro_f1: higher is better)", "metric", evals))  # fmt: skip
+    data = {"answered": True, "baseline": base, "effects": effects, "fertility": {str(k): float(np.mean(v)) for k, v in fertility.items()},
+            "evals": evals}  # fmt: skip
+    return Section(key, title, finding, tables, [_effect_plot("tokenizers", effects, base, "Tokenizers")], data)
+
+
 def positions(res: Results) -> Section:
     key, title = "positions", "2. Position encodings"
     runs = res.done("val_bpb")
@@ -882,8 +917,9 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, n_boo
     res = load_results(study_dir)
     name, description = _study_meta(study_dir)
     out = Path(out_dir) if out_dir is not None else study_dir / "report"
-    sections = [overview(res, name), data_efficiency(res), positions(res), optimizers(res, study_dir), scaling_laws(res, n_boot, seed),
-                efficiency(res, grid_kg_co2_per_kwh), downstream(res), human_eval(study_dir)]  # fmt: skip
+    sections = [overview(res, name), data_efficiency(res), tokenizers(res), positions(res), optimizers(res, study_dir),
+                scaling_laws(res, n_boot, seed), efficiency(res, grid_kg_co2_per_kwh), downstream(res), human_eval(study_dir)]  # fmt: skip
+    sections = [s for s in sections if s is not None]
     findings = {"study": {"name": name, "description": description, "n_boot": n_boot, "seed": seed}}
     for s in sections:
         findings[s.key] = {"title": s.title, "finding": s.finding_md, **s.data}

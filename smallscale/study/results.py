@@ -4,7 +4,8 @@ Columns, in this order (a missing value is an empty cell in CSV, null in Parquet
     run_id, status, error
     axis.<name>          each axis of the study file, as written
     dataset, tokenizer, preset, n_layer, d_model, n_head, seq_len, position, optimizer, lr, schedule,
-    precision, grad_checkpointing, compile, seed, token_budget, train_tokens        (the run's config)
+    precision, grad_checkpointing, compile, seed, token_budget, train_tokens, fertility  (the run's config;
+                         fertility = training-split tokens per whitespace word of the dataset)
     params, non_embedding_params, tokens_seen, flops, epochs, val_loss, val_bpb, val_ppl, wall_s,
     tokens_per_s, mfu, peak_mem_bytes, optimizer_state_bytes, energy_j, gpu_util, device  (summary.json)
     eval.<task>.<metric> each numeric top-level value of RUN_DIR/eval/<task>.json
@@ -65,6 +66,7 @@ def _config_columns(config: dict[str, Any], dataset: str, out: Path) -> dict[str
         "grad_checkpointing": bool(pick("grad_checkpointing")), "compile": t.get("compile"), "seed": t.get("seed"),
         "token_budget": d.get("token_budget") or (manifest.get("splits") or {}).get("train", {}).get("tokens"),
         "train_tokens": tokens,
+        "fertility": (manifest.get("splits") or {}).get("train", {}).get("fertility"),  # tokens per whitespace word
     }  # fmt: skip
 
 
