@@ -33,7 +33,7 @@ def write_study(path: Path, dataset: Path, **fields) -> Path:
         "derive": {"train.tokens": "tokens", "data.token_budget": "tokens"},
         **fields,
     }
-    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")  # derive runs in file order
     return path
 
 
@@ -206,3 +206,22 @@ def test_submitit_local_executor_runs_the_array(tmp_path, tiny_dataset):
     assert set(jobs) == {r.id for r in runs}
     losses = {read_status(out, r.id)["val_bpb"] for r in runs}
     assert len(losses) == 2  # different seeds, different results
+
+
+def test_derived_budget_can_be_capped_at_the_dataset(tmp_path, tiny_dataset):
+    study = write_study(tmp_path / "s.yaml", tiny_dataset, grid={"tokens": [2048, 1_000_000]},
+                        derive={"train.tokens": "tokens", "data.token_budget": "min(train_tokens, dataset_tokens)"})  # fmt: skip
+    runs = grid.expand(grid.load_study(study), tmp_path, {"syn": 512}, {"syn": 50_000})
+    assert [(r.config["train"]["tokens"], r.config["data"]["token_budget"]) for r in runs] == [(2048, 2048), (1_000_000, 50_000)]
+    unknown = grid.expand(grid.load_study(study), tmp_path, {"syn": 512})  # not prepared yet: unlimited
+    assert unknown[1].config["data"]["token_budget"] == 1_000_000
+
+
+@pytest.mark.slow
+def test_pool_executor_runs_runs_concurrently(tmp_path, tiny_dataset):
+    study = write_study(tmp_path / "s.yaml", tiny_dataset, grid={"train.seed": [0, 1], "tokens": [2048]})
+    out = tmp_path / "out"
+    _, runs = plan(study, out, progress=False)
+    assert execute(out, runs, kind="pool", workers=2, progress=False)["done"] == 2
+    spans = [(read_status(out, r.id)["started"], read_status(out, r.id)["finished"]) for r in runs]
+    assert max(s for s, _ in spans) < min(f for _, f in spans)  # both were running at the same time

@@ -48,7 +48,7 @@ def plan(spec_path: str | Path, study_dir: str | Path, progress: bool = True) ->
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study_dir / "study.yaml", Path(spec_path).read_text(encoding="utf-8"))
-    vocab_sizes = {}
+    vocab_sizes, train_tokens = {}, {}
     for name, ds in spec.datasets.items():
         path = dataset_dir(study_dir, name, ds)
         if ds.source is not None and not (path / "manifest.json").exists():
@@ -56,8 +56,9 @@ def plan(spec_path: str | Path, study_dir: str | Path, progress: bool = True) ->
             prepare(validate(PrepareConfig, {**options, "out": str(path)}, source=f"study dataset {name!r}"), progress=progress)
         if not (path / "manifest.json").exists():
             raise UserError(f"study dataset {name!r}: {str(path)!r} is not a prepared dataset (no manifest.json)")
-        vocab_sizes[name] = load_manifest(path)["vocab_size"]
-    runs = expand(spec, study_dir, vocab_sizes)
+        manifest = load_manifest(path)
+        vocab_sizes[name], train_tokens[name] = manifest["vocab_size"], manifest["splits"]["train"]["tokens"]
+    runs = expand(spec, study_dir, vocab_sizes, train_tokens)
     atomic_write_json(study_dir / MANIFEST, {"name": spec.name, "description": spec.description,
                                              "runs": [r.as_dict() for r in runs]})  # fmt: skip
     return spec, runs

@@ -26,8 +26,10 @@ block with both takes the product of the two; `set` fixes values for that block 
 
 Derived values are arithmetic over the variables: every axis value (by its bare name, and by its
 last path component, e.g. `position`), `params` and `non_embedding_params` (exact counts for the
-run's model and the dataset's vocabulary), `seq_len`, `vocab_size`, `n_layer`, `d_model`. Example:
-`train.tokens: 20 * params` (Chinchilla's 20 tokens per parameter).
+run's model and the dataset's vocabulary), `seq_len`, `vocab_size`, `n_layer`, `d_model`, and
+`dataset_tokens` (the dataset's train tokens). Example: `train.tokens: 20 * params` (Chinchilla's
+20 tokens per parameter), `data.token_budget: min(train_tokens, dataset_tokens)` (more than one
+epoch where the data runs out; `train_tokens` is the derived `train.tokens` above it).
 
 A run is identified by the sha256 of its resolved config (without `out`); its id (directory name) is
 a readable slug of its axis values plus 8 hex digits of that hash. A run reached from two blocks runs
@@ -154,11 +156,15 @@ def block_points(block: Block) -> list[dict[str, Any]]:
     return [{**block.set, **g, **z} for g in grid_rows for z in zip_rows]
 
 
-def expand(spec: StudySpec, study_dir: Path, vocab_sizes: dict[str, int]) -> list[RunSpec]:
+def expand(
+    spec: StudySpec, study_dir: Path, vocab_sizes: dict[str, int], dataset_tokens: dict[str, int] | None = None
+) -> list[RunSpec]:
     """Every run of the study, in file order, duplicates (same resolved config) removed.
 
     `vocab_sizes` maps dataset name -> vocabulary size (from its manifest), needed for the exact
     parameter counts that derived values may use and for validating model shapes.
+    `dataset_tokens` (train-split tokens per dataset) is the variable `dataset_tokens` of derived
+    values, e.g. `min(20 * params, dataset_tokens)`; unknown (not prepared yet) reads as unlimited.
     """
     from smallscale.train.trainer import RunConfig
 
@@ -173,11 +179,13 @@ def expand(spec: StudySpec, study_dir: Path, vocab_sizes: dict[str, int]) -> lis
         for key, value in point.items():
             if "." in key:
                 config = deep_merge(config, _nested(key, value))
-        variables = _variables(point, config, vocab_sizes[dataset])
-        for key, expr in spec.derive.items():
-            value = evaluate(expr, variables) if isinstance(expr, str) else expr
-            config = deep_merge(config, _nested(key, value))
-            variables = _variables({**point, **{key: value}}, config, vocab_sizes[dataset])
+        extra = {"dataset_tokens": (dataset_tokens or {}).get(dataset, 2**62)}
+        variables = {**_variables(point, config, vocab_sizes[dataset]), **extra}
+        derived: dict[str, Any] = {}
+        for key, expr in spec.derive.items():  # in file order: a later value may use an earlier one
+            derived[key] = evaluate(expr, variables) if isinstance(expr, str) else expr
+            config = deep_merge(config, _nested(key, derived[key]))
+            variables = {**_variables({**point, **derived}, config, vocab_sizes[dataset]), **extra}
         config = deep_merge(config, {"data": {"path": str(dataset_dir(study_dir, dataset, spec.datasets[dataset]))},
                                      "out": "<study>"})  # fmt: skip
         resolved = canonical(validate(RunConfig, config, source=f"study {spec.name}, run {point}"), vocab_sizes[dataset])
