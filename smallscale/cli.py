@@ -299,7 +299,7 @@ def study_run(
         raise typer.Exit(1)
 
 
-def _finish_study(study_dir: Path, report: bool) -> None:
+def _finish_study(study_dir: Path, report: bool, n_boot: int = 200) -> None:
     from smallscale.study.results import write_results
 
     csv_path, _ = write_results(study_dir)
@@ -307,7 +307,7 @@ def _finish_study(study_dir: Path, report: bool) -> None:
     if report:
         from smallscale.study.report import write_report
 
-        stdout.print(f"report: {write_report(study_dir)}")
+        stdout.print(f"report: {write_report(study_dir, n_boot=n_boot)}")
 
 
 @study_app.command("plan")
@@ -368,9 +368,14 @@ def study_results(study_dir: Annotated[Path, typer.Argument(help="a study direct
 
 
 @study_app.command("report")
-def study_report(study_dir: Annotated[Path, typer.Argument(help="a study directory")]) -> None:
+def study_report(
+    study_dir: Annotated[Path, typer.Argument(help="a study directory")],
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the scaling-law intervals")] = 200,
+) -> None:
     """(Re)write the results table and the report (report/index.html, report/report.md)."""
-    _finish_study(study_dir, report=True)
+    if n_boot < 0:
+        raise UserError(f"--n-boot must be 0 or more, got {n_boot}")
+    _finish_study(study_dir, report=True, n_boot=n_boot)
 
 
 @app.command("fit")
