@@ -243,7 +243,7 @@ def eval_cmd(
         except TypeError as exc:  # an option the task does not take
             raise UserError(f"task {name!r}: {exc}") from None
         path = save_result(run_dir, name, result)
-        metric = next((k for k in ("bpb", "acc", "accuracy", "chrf") if isinstance(result.get(k), (int, float))), None)
+        metric = next((k for k in ("bpb", "bpb_1x", "acc", "accuracy", "chrf") if isinstance(result.get(k), (int, float))), None)
         value = f"{result[metric]:.4f}" if metric else "-"
         table.add_row(name, metric or "-", value, str(result.get("n", "-")), f"{result['wall_s']:.1f}", str(path))
     stdout.print(table)
