@@ -22,6 +22,7 @@ import torch
 
 from smallscale.data.loader import TrainLoader
 from smallscale.data.shards import PrepareConfig, prepare
+from smallscale.io import atomic_write_json
 
 
 def time_prepare(source: str, out: Path, tokenizer: str, workers: int) -> tuple[float, dict]:
@@ -87,8 +88,7 @@ def main() -> None:
         # What a fast accelerator consumes: ~1.5M tokens/s is a generous H200 figure for a 20M model.
         "loader_over_h200_20m_estimate": round(loader_1024 / 1.5e6, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

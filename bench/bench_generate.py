@@ -17,15 +17,14 @@ Run: `bash dev.sh shell python bench/bench_generate.py [--new-tokens 200] [--rep
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
 from smallscale.eval.generate import generate
+from smallscale.io import atomic_write_json
 from smallscale.model.gpt import GPT
 from smallscale.model.presets import preset_config
 
@@ -89,7 +88,7 @@ def main() -> None:
     print(f"{'batch':>5} {'cache tok/s':>12} {'no-cache tok/s':>15} {'speedup':>8} {'same tokens':>12}")
     for r in rows:
         print(f"{r['batch']:>5} {r['cache_tokens_per_s']:>12.0f} {r['no_cache_tokens_per_s']:>15.0f} "
-              f"{r['speedup']:>7.1f}x {str(r['same_tokens']):>12}")
+              f"{r['speedup']:>7.1f}x {r['same_tokens']!s:>12}")
 
     result = {
         "model": {"preset": "cpu-2m", "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len, "params": model.num_params(),
@@ -103,10 +102,8 @@ def main() -> None:
                         "platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Run: `bash dev.sh shell python bench/bench_humaneval.py [--raters 8] [--votes 50
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from smallscale.humaneval.loadcheck import run_load, start_server, write_synthetic_study
 from smallscale.humaneval.store import read_votes
+from smallscale.io import atomic_write_json
 
 N_SYSTEMS, N_PROMPTS = 4, 20
 
@@ -78,10 +78,8 @@ def main() -> None:
                         "load_average_1min": load_average_1min, "platform": platform.platform(),
                         "processor": platform.processor() or platform.machine()},
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
     sys.exit(0 if ok else 1)
 
 

@@ -20,8 +20,8 @@ import json
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
+from smallscale.io import atomic_write_json
 from smallscale.launch import allocator_setting, ensure_cpu_allocator_env
 
 
@@ -111,7 +111,7 @@ def main() -> None:
     print(f"{args.preset}, batch {args.batch} x seq {seq_len}, precision {precision}, allocator {allocator_setting()}")
     print(f"{'grad_checkpointing':<20} {'RSS before (MiB)':>17} {'peak (MiB)':>11} {'step (MiB)':>11}")
     for on, r in runs.items():
-        print(f"{str(on):<20} {r['rss_before_step_bytes'] / mib:>17.0f} {r['peak_bytes'] / mib:>11.0f} {r['step_bytes'] / mib:>11.0f}")
+        print(f"{on!s:<20} {r['rss_before_step_bytes'] / mib:>17.0f} {r['peak_bytes'] / mib:>11.0f} {r['step_bytes'] / mib:>11.0f}")
     peak_ratio = runs[True]["peak_bytes"] / runs[False]["peak_bytes"]
     step_ratio = runs[True]["step_bytes"] / runs[False]["step_bytes"]
     print(f"with / without checkpointing: peak {peak_ratio:.2f}x, step increment {step_ratio:.2f}x; "
@@ -128,10 +128,8 @@ def main() -> None:
         "step_ratio": step_ratio,
         "gradients_identical": identical,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

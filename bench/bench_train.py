@@ -39,8 +39,8 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from smallscale.io import atomic_write_json
 from smallscale.launch import allocator_setting, ensure_cpu_allocator_env
 
 SHAPE = {"vocab_size": 8192, "seq_len": 256, "n_layer": 4, "n_head": 4, "d_model": 256}
@@ -278,10 +278,8 @@ def main() -> None:
         "python": platform.python_version(),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
