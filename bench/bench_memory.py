@@ -48,7 +48,7 @@ def measure(preset: str, batch: int, precision: str, checkpointing: bool, grads_
     torch.manual_seed(0)
     cfg = preset_config(preset, grad_checkpointing=checkpointing)
     model = GPT(cfg).train()
-    optimizer = build_optimizer(model, OptimConfig(), "cpu")
+    optimizer = build_optimizer(model, OptimConfig())
     ids = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
     inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext

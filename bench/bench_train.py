@@ -10,10 +10,14 @@ vocab 8192, for these peers (HF eager only; smallscale eager and torch.compile):
 The HF model is `smallscale.export.to_hf` of the smallscale one: identical weights and FLOPs.
 smallscale computes its loss itself (GPT.forward with targets); HF gets F.cross_entropy over all
 B*T logits (not its shifted `labels=` loss over B*(T-1)), under the same autocast. Both use
-torch AdamW (foreach, betas 0.9/0.95, weight decay 0.1: on every tensor for HF, as smallscale's
-trainer groups them for smallscale) and clip_grad_norm_. MFU = tokens/s * (6N +
-12*n_layer*d_model*seq_len) / peak, the peak being the best timed square matmul in the case's dtype
-(`telemetry.measure_cpu_matmul_peak`, in fresh processes before and after the cases).
+torch AdamW (fused, as smallscale's trainer builds it; betas 0.9/0.95, weight decay 0.1: on every
+tensor for HF, as smallscale's trainer groups them for smallscale) and clip_grad_norm_. MFU =
+tokens/s * (6N + 12*n_layer*d_model*seq_len) / peak, the peak being the best timed square matmul
+(1024 and 2048) in the case's dtype (`telemetry.measure_cpu_matmul_peak`, in fresh processes before
+and after the cases).
+
+The starred case is smallscale's default for a run of at least 1000 steps (`train.compile=auto`
+compiles those); shorter runs train eager, the row below it.
 
 Cases take turns, one step each per round, and each reports its median step, so a change in the
 machine's load hits every case alike; the load average is printed. The process re-executes itself
@@ -77,17 +81,19 @@ def all_cases(compile_: bool) -> list[Case]:
 
 
 def default_case() -> Case:
-    """What `smallscale train` does on this machine with nothing set: the default architecture,
-    `train.precision=auto` and the default `train.compile`."""
+    """What `smallscale train` does on this machine with nothing set, for a run long enough that
+    throughput matters (at least AUTO_COMPILE_MIN_STEPS steps): the default architecture,
+    `train.precision=auto` and `train.compile=auto`."""
     import torch
 
     from smallscale.model.gpt import GPTConfig
-    from smallscale.train.trainer import TrainSection, resolve_precision
+    from smallscale.train.trainer import AUTO_COMPILE_MIN_STEPS, TrainSection, resolve_compile, resolve_precision
 
     defaults = GPTConfig(**SHAPE)
     arch = next(name for name, switches in ARCHS.items() if all(getattr(defaults, k) == v for k, v in switches.items()))
     precision = resolve_precision("auto", torch.device("cpu"))
-    return Case("smallscale", arch, precision, TrainSection.model_fields["compile"].default)
+    compiled = resolve_compile(TrainSection.model_fields["compile"].default, AUTO_COMPILE_MIN_STEPS)
+    return Case("smallscale", arch, precision, compiled)
 
 
 def build(case: Case):
@@ -104,7 +110,7 @@ def build(case: Case):
     flops_per_token = ours.flops_per_token()
     if case.impl == "smallscale":
         model = ours.train()
-        optimizer = build_optimizer(model, OptimConfig(), "cpu")
+        optimizer = build_optimizer(model, OptimConfig())
         forward = torch.compile(model) if case.compiled else model
 
         def loss_fn(inputs, targets):
@@ -113,7 +119,7 @@ def build(case: Case):
     else:
         model = to_hf(ours).train()
         del ours
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         forward = torch.compile(model) if case.compiled else model
 
         def loss_fn(inputs, targets):

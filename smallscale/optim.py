@@ -370,13 +370,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._link()
 
 
-def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    # fused=True is a single kernel on CUDA; on CPU foreach is the well-trodden path.
-    speed = {"fused": True} if device_type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **speed)
+def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.AdamW:
+    # fused=True: one kernel per tensor on CUDA and on CPU. On the 2-core CPU at the shape of
+    # bench/bench_train.py (5.2M parameters) a step takes 2.3 ms fused against 9.6 ms foreach.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
-def _muon_with_adamw(model: nn.Module, cfg: OptimConfig, device_type: str) -> MuonWithAdamW:
+def _muon_with_adamw(model: nn.Module, cfg: OptimConfig) -> MuonWithAdamW:
     matrices, decay, no_decay = [], [], []
     for param, kind in _classify(model):
         if kind == "matrix":
@@ -403,12 +403,11 @@ def _muon_with_adamw(model: nn.Module, cfg: OptimConfig, device_type: str) -> Mu
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
         ],
         cfg,
-        device_type,
     )
     return MuonWithAdamW(muon, adamw)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer `cfg` names over `param_groups(model, cfg)`, with defaults filled in.
 
     Lion is `pytorch_optimizer.Lion` (its foreach path measured as fast as our own foreach version
@@ -418,10 +417,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"
     """
     cfg = cfg.resolved()
     if cfg.name == "muon":
-        return _muon_with_adamw(model, cfg, device_type)
+        return _muon_with_adamw(model, cfg)
     groups = param_groups(model, cfg)
     if cfg.name == "adamw":
-        return _adamw(groups, cfg, device_type)
+        return _adamw(groups, cfg)
     if cfg.name == "lion":
         from pytorch_optimizer import Lion  # imported here: it costs ~1 s, paid only by Lion runs
 

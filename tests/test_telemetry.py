@@ -23,7 +23,7 @@ from smallscale.train.telemetry import (
 
 
 def test_cpu_matmul_peak_is_plausible_and_cached():
-    peak = measure_cpu_matmul_peak(torch.float32, seconds=0.3, size=512)
+    peak = measure_cpu_matmul_peak(torch.float32, seconds=0.3, sizes=(512,))
     assert 1e9 < peak < 1e14  # at least 1 GFLOP/s, below any CPU's reach
     assert device_peak_flops(torch.device("cpu"), torch.float32) == (peak, "measured-cpu-matmul")
 

@@ -166,3 +166,44 @@ def test_existing_run_directory_is_not_overwritten(tiny_dataset, tmp_path):
     train(run_cfg(tiny_dataset, tmp_path / "r", "train.steps=2"), progress=False)
     with pytest.raises(UserError, match="already exists"):
         train(run_cfg(tiny_dataset, tmp_path / "r", "train.steps=2"), progress=False)
+
+
+def test_compile_auto_is_on_only_for_runs_long_enough_to_repay_it():
+    from smallscale.train.trainer import AUTO_COMPILE_MIN_STEPS, resolve_compile
+
+    assert AUTO_COMPILE_MIN_STEPS == 1000
+    assert not resolve_compile("auto", 999) and resolve_compile("auto", 1000)
+    assert resolve_compile(True, 1) and not resolve_compile(False, 10**6)
+    assert run_cfg(Path("d"), Path("o")).train.compile == "auto"
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_dataset, tmp_path):
+    eager = train(run_cfg(tiny_dataset, tmp_path / "eager", "train.steps=6", "train.compile=false"), progress=False)
+    compiled = train(run_cfg(tiny_dataset, tmp_path / "compiled", "train.steps=6", "train.compile=true"), progress=False)
+    assert (eager["compile"], compiled["compile"]) == (False, True)
+    assert json.loads((tmp_path / "compiled" / "env.json").read_text())["compile"] is True
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-4)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-4)
+
+
+def _failing_compile(model, *args, **kwargs):
+    def compiled(*a, **k):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nlong inductor trace ...")
+
+    return compiled
+
+
+def test_failed_compile_falls_back_under_auto_and_is_a_clear_error_when_asked_for(tiny_dataset, tmp_path, monkeypatch):
+    from smallscale.train import trainer
+
+    monkeypatch.setattr(torch, "compile", _failing_compile)
+    monkeypatch.setattr(trainer, "AUTO_COMPILE_MIN_STEPS", 1)  # so 'auto' compiles this 4-step run
+    with pytest.warns(UserWarning, match="torch.compile failed .*No working C\\+\\+ compiler.*training without it"):
+        summary = train(run_cfg(tiny_dataset, tmp_path / "auto", "train.steps=4"), progress=False)
+    assert summary["compile"] is False and len(losses(tmp_path / "auto")) == 4
+    assert losses(tmp_path / "auto")[-1] < losses(tmp_path / "auto")[0]
+    with pytest.raises(UserError) as err:
+        train(run_cfg(tiny_dataset, tmp_path / "forced", "train.steps=4", "train.compile=true"), progress=False)
+    assert "train.compile=false" in str(err.value) and "No working C++ compiler" in str(err.value)
+    assert "\n" not in str(err.value)

@@ -42,7 +42,8 @@ def collect(study_dir: str | Path) -> list[dict[str, Any]]:
         row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
         if summary.get("flops_per_token") is not None:
             row["flops"] = summary["flops_per_token"] * summary["tokens_seen"]
-        row["precision"] = summary.get("precision") or row["precision"]
+        row["precision"] = summary.get("precision") or row["precision"]  # what 'auto' resolved to
+        row["compile"] = summary.get("compile", row["compile"])
         for path in sorted((out / "eval").glob("*.json")) if (out / "eval").is_dir() else []:
             result = _read_json(path) or {}
             for key, value in result.items():

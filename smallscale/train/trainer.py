@@ -19,11 +19,14 @@ import dataclasses
 import json
 import math
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import Tensor
 
 from smallscale import provenance
 from smallscale.config import Strict, dump_config, read_yaml, validate
@@ -32,7 +35,7 @@ from smallscale.data.shards import load_manifest
 from smallscale.errors import UserError
 from smallscale.eval.tasks.perplexity import batches_per_rank, split_loss
 from smallscale.io import atomic_write_json, atomic_write_text
-from smallscale.model.gpt import GPT, GPTConfig
+from smallscale.model.gpt import GPT, GPTConfig, GPTOutput
 from smallscale.model.presets import PRESETS, preset_config
 from smallscale.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at
 from smallscale.train import checkpoint, distributed, telemetry
@@ -79,13 +82,23 @@ class ModelSection(Strict):
             raise UserError(f"model: {exc}") from None
 
 
+# torch.compile costs ~30 s on a 2-core CPU the first time a shape is seen (~8 s from inductor's
+# cache) and then saves 20-30% of every step (bench/bench_train.py: 290 -> 210 ms at 5M parameters;
+# 147 -> 113 ms for cpu-2m at micro-batch 8), so it repays itself within a few hundred steps.
+AUTO_COMPILE_MIN_STEPS = 1000
+
+
 class TrainSection(Strict):
     tokens: int | None = Field(None, gt=0, description="total training tokens (may exceed the data budget: epochs)")
     steps: int | None = Field(None, gt=0, description="alternatively, optimizer steps")
     global_batch_tokens: int = Field(16384, gt=0)
     micro_batch: int = Field(16, gt=0, description="sequences per forward pass per device")
     precision: Precision = "auto"
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description=f"torch.compile the model; auto: for runs of at least {AUTO_COMPILE_MIN_STEPS} optimizer steps, "
+        "falling back to eager with a warning if compilation fails",
+    )
     grad_clip: float | None = Field(1.0, gt=0)
     seed: int = 0
     eval_every_tokens: int | None = Field(None, gt=0)
@@ -144,6 +157,14 @@ def resolve_precision(choice: Precision, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def resolve_compile(choice: bool | str, total_steps: int) -> bool:
+    """Whether to torch.compile the model: the explicit choice, or for 'auto' whether the run is
+    long enough to repay compilation."""
+    if choice == "auto":
+        return total_steps >= AUTO_COMPILE_MIN_STEPS
+    return bool(choice)
 
 
 def autocast_factory(precision: str, device: torch.device):
@@ -226,11 +247,13 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     checkpoint.cleanup(ckpt_dir)
 
     wrapped = distributed.wrap(model, info, cfg.train.parallel, device)
-    optimizer = build_optimizer(model, cfg.optim, device.type)  # after wrapping: FSDP2 replaces parameters
+    optimizer = build_optimizer(model, cfg.optim)  # after wrapping: FSDP2 replaces parameters
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if found is not None:
         distributed.load_optimizer_state(model, optimizer, checkpoint.load_optimizer(found.path))
-    forward = torch.compile(wrapped) if cfg.train.compile else wrapped
+    compiled = resolve_compile(cfg.train.compile, total_steps)
+    forward = torch.compile(wrapped) if compiled else wrapped
+    compile_pending = compiled
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if found is not None:
         checkpoint.restore_rng(found)  # last: nothing above may consume random numbers after it
@@ -239,7 +262,10 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg.model_copy(update={"optim": cfg.optim.resolved()})))
-        atomic_write_json(out / "env.json", {**provenance.environment(), "precision": precision, "world_size": info.world_size})
+        atomic_write_json(
+            out / "env.json",
+            {**provenance.environment(), "precision": precision, "compile": compiled, "world_size": info.world_size},
+        )
         # The exact model shape, so evaluation/export rebuild the model without the trainer's config.
         atomic_write_json(out / "model.json", dataclasses.asdict(model_cfg))
         _truncate_metrics(metrics_path, step)
@@ -247,8 +273,9 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     peak_total = peak_flops * info.world_size
 
     def evaluate() -> dict[str, float]:
+        # eager: the validation batches would each be a new shape for the compiled model to compile
         return split_loss(
-            forward, cfg.data.path, model_cfg.seq_len, cfg.train.eval_batch, device, autocast=autocast,
+            wrapped, cfg.data.path, model_cfg.seq_len, cfg.train.eval_batch, device, autocast=autocast,
             rank=info.rank, world_size=info.world_size,
             reduce=lambda v: distributed.all_reduce_sum(v, device),
             pad_batches_to=batches_per_rank(cfg.data.path, model_cfg.seq_len, cfg.train.eval_batch, info.world_size)
@@ -282,7 +309,11 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
             inputs, targets = loader.next_batch()
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with distributed.no_sync(wrapped, micro == accum - 1), autocast():
-                loss = forward(inputs, targets).loss
+                if compile_pending:  # compilation happens here, in the first forward
+                    forward, compiled, loss = _first_compiled_loss(forward, wrapped, cfg.train.compile, inputs, targets)
+                    compile_pending = False
+                else:
+                    loss = forward(inputs, targets).loss
             scaled = loss / accum
             (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += loss.detach()
@@ -364,12 +395,32 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         "device": telemetry.device_name(device),
         "skipped_steps": skipped,
         "precision": precision,
+        "compile": compiled,
         "world_size": info.world_size,
         **gpu_summary,
     }
     if info.is_main:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _first_compiled_loss(
+    forward: Callable[..., GPTOutput], eager: Callable[..., GPTOutput], choice: bool | str, inputs: Tensor, targets: Tensor
+) -> tuple[Callable[..., GPTOutput], bool, Tensor]:
+    """(forward, compiled, loss) for the first batch, which is when torch.compile compiles. A failure
+    (e.g. no C++ compiler for inductor's CPU code) happens before any backward, so under
+    compile='auto' it warns and the eager model takes over; under compile=true it is a UserError."""
+    try:
+        return forward, True, forward(inputs, targets).loss
+    except Exception as exc:  # dynamo and inductor raise many types; the message says which
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        if choice != "auto":
+            raise UserError(
+                f"torch.compile failed: {type(exc).__name__}: {first_line}; set train.compile=false to train "
+                "without it (on CPU, inductor needs a C++ compiler)"
+            ) from exc
+        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {first_line}); training without it", stacklevel=2)
+        return eager, False, eager(inputs, targets).loss
 
 
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
