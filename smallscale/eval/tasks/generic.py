@@ -39,6 +39,7 @@ from torch import nn
 from smallscale.config import Strict, read_yaml, validate
 from smallscale.errors import UserError
 from smallscale.eval.scoring import Scorer, model_scorer, pick
+from smallscale.eval.tasks.classification import macro_f1
 from smallscale.eval.tasks.minimal_pairs import MinimalPair, evaluate_minimal_pairs
 from smallscale.eval.tasks.multiple_choice import ChoiceExample, choice_metrics, score_choices
 from smallscale.io import sha256_file
@@ -147,16 +148,6 @@ def _records(data: Path, limit: int | None):
             yield record, where
 
 
-def _macro_f1(predicted: list[int], gold: list[int], n_classes: int) -> float:
-    f1s = []
-    for c in range(n_classes):
-        tp = sum(p == c and g == c for p, g in zip(predicted, gold))
-        fp = sum(p == c and g != c for p, g in zip(predicted, gold))
-        fn = sum(p != c and g == c for p, g in zip(predicted, gold))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(f1s) / n_classes
-
-
 def evaluate_generic(spec_path: str | Path, score: Scorer, limit: int | None = None) -> dict:
     """Run the task that `spec_path` describes with `score`; `limit` keeps the first N records."""
     spec, data = load_spec(spec_path)
@@ -193,7 +184,7 @@ def evaluate_generic(spec_path: str | Path, score: Scorer, limit: int | None = N
         result = choice_metrics(examples, logprobs)
         if spec.type == "classification":
             predicted = [pick(lp, e.choices) for lp, e in zip(logprobs, examples)]
-            result["macro_f1"] = _macro_f1(predicted, [e.gold for e in examples], len(verbalizers))
+            result["macro_f1"] = macro_f1(predicted, [e.gold for e in examples], len(verbalizers))
     result["settings"] = {
         "spec": spec.model_dump(mode="json"),
         "limit": limit,
