@@ -262,7 +262,8 @@ def main() -> None:
             continue
         print(f"{r['name'] + mark:<44} {r['ms_per_step']:>8.0f} {r['tokens_per_s']:>9.0f} {r['mfu']:>6.1%} "
               f"{r['mfu_vs_bf16_peak']:>10.1%} {r.get('vs_reference', float('nan')):>13.2f}x {r['sys_ms_per_step']:>7.0f}")  # fmt: skip
-    print("* = smallscale's default here (default architecture, train.precision=auto, default train.compile)")
+    print("* = smallscale's default here for a run of >= 1000 steps (default architecture, train.precision=auto, "
+          "train.compile=auto); shorter runs train eager")  # fmt: skip
     default_row = next((r for r in rows if r["default"] and "error" not in r), None)
     if default_row is not None and "vs_reference" in default_row:
         print(f"default: {default_row['vs_reference']:.2f}x HF GPT2 eager fp32 (target >= 3x), "
