@@ -288,7 +288,7 @@ def study_run(
     started = time.perf_counter()
     spec = load_study(study)
     study_dir = out or Path("studies") / spec.name
-    spec, runs = plan(study, study_dir, progress=progress)
+    spec, runs = plan(study, study_dir, progress=progress, spec=spec)
     console.print(f"study {spec.name}: {len(runs)} runs in {study_dir}")
     counts = execute(study_dir, runs, kind=executor or spec.executor.kind, workers=workers or spec.executor.workers,
                      slurm=spec.executor.slurm, retry_failed=retry_failed, progress=progress)  # fmt: skip

@@ -202,6 +202,7 @@ def test_failed_compile_falls_back_under_auto_and_is_a_clear_error_when_asked_fo
     with pytest.warns(UserWarning, match="torch.compile failed .*No working C\\+\\+ compiler.*training without it"):
         summary = train(run_cfg(tiny_dataset, tmp_path / "auto", "train.steps=4"), progress=False)
     assert summary["compile"] is False and len(losses(tmp_path / "auto")) == 4
+    assert json.loads((tmp_path / "auto" / "env.json").read_text())["compile"] is False
     assert losses(tmp_path / "auto")[-1] < losses(tmp_path / "auto")[0]
     with pytest.raises(UserError) as err:
         train(run_cfg(tiny_dataset, tmp_path / "forced", "train.steps=4", "train.compile=true"), progress=False)

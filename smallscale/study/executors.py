@@ -39,12 +39,15 @@ STATES = ("done", "running", "interrupted", "failed", "pending")
 
 
 # ----------------------------------------------------------------------------- planning
-def plan(spec_path: str | Path, study_dir: str | Path, progress: bool = True) -> tuple[StudySpec, list[RunSpec]]:
-    """Copy the study file, prepare its datasets (skipping finished ones) and write manifest.json."""
+def plan(
+    spec_path: str | Path, study_dir: str | Path, progress: bool = True, spec: StudySpec | None = None
+) -> tuple[StudySpec, list[RunSpec]]:
+    """Copy the study file, prepare its datasets (skipping finished ones) and write manifest.json.
+    `spec`: the file already parsed, if the caller has it."""
     from smallscale.config import validate
     from smallscale.data.shards import PrepareConfig, load_manifest, prepare
 
-    spec = load_study(spec_path)
+    spec = spec if spec is not None else load_study(spec_path)
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study_dir / "study.yaml", Path(spec_path).read_text(encoding="utf-8"))

@@ -32,12 +32,16 @@ EVAL_SKIP = {"step", "n", "wall_s"}  # bookkeeping, not metrics
 
 def collect(study_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
+    manifests: dict[str, dict[str, Any]] = {}  # dataset path -> its manifest, read once for all its runs
     for spec in load_runs(study_dir):
         out = run_dir(study_dir, spec.id)
         status = read_status(study_dir, spec.id)
         row: dict[str, Any] = {"run_id": spec.id, "status": status["state"], "error": status.get("error")}
         row.update({f"axis.{k}": v for k, v in spec.axes.items()})
-        row.update(_config_columns(spec.config, spec.dataset, out))
+        data_path = spec.config.get("data", {}).get("path", "")
+        if data_path not in manifests:
+            manifests[data_path] = _read_json(Path(data_path) / "manifest.json") or {}
+        row.update(_config_columns(spec.config, spec.dataset, out, manifests[data_path]))
         summary = _read_json(out / "summary.json") or {}
         row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
         if summary.get("flops_per_token") is not None:
@@ -53,10 +57,9 @@ def collect(study_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _config_columns(config: dict[str, Any], dataset: str, out: Path) -> dict[str, Any]:
+def _config_columns(config: dict[str, Any], dataset: str, out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     model = _read_json(out / "model.json") or {}  # the exact shape, once the run has started
     m, o, t, d = config.get("model", {}), config.get("optim", {}), config.get("train", {}), config.get("data", {})
-    manifest = _read_json(Path(d.get("path", "")) / "manifest.json") or {}
     tokens = t.get("tokens") if t.get("tokens") is not None else (t.get("steps") or 0) * t.get("global_batch_tokens", 0)
     pick = lambda key: model.get(key, m.get(key))  # noqa: E731
     return {

@@ -258,14 +258,15 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     if found is not None:
         checkpoint.restore_rng(found)  # last: nothing above may consume random numbers after it
 
+    def write_env() -> None:
+        env = {**provenance.environment(), "precision": precision, "compile": compiled, "world_size": info.world_size}
+        atomic_write_json(out / "env.json", env)
+
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg.model_copy(update={"optim": cfg.optim.resolved()})))
-        atomic_write_json(
-            out / "env.json",
-            {**provenance.environment(), "precision": precision, "compile": compiled, "world_size": info.world_size},
-        )
+        write_env()
         # The exact model shape, so evaluation/export rebuild the model without the trainer's config.
         atomic_write_json(out / "model.json", dataclasses.asdict(model_cfg))
         _truncate_metrics(metrics_path, step)
@@ -312,6 +313,8 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
                 if compile_pending:  # compilation happens here, in the first forward
                     forward, compiled, loss = _first_compiled_loss(forward, wrapped, cfg.train.compile, inputs, targets)
                     compile_pending = False
+                    if not compiled and info.is_main:
+                        write_env()  # it fell back to eager: say so where the run records its setting
                 else:
                     loss = forward(inputs, targets).loss
             scaled = loss / accum
