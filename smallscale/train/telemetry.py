@@ -116,9 +116,9 @@ def _best_matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float, 
     return best
 
 
-# On the 2-core reference CPU (AMX) bf16 runs at 1.2 TFLOP/s at 1024 but 2.2 at 2048 (and up to
-# 3.2 at some of a small model's own shapes): one size alone would understate the peak and
-# overstate MFU. fp32 is ~0.34 TFLOP/s at both.
+# On the 2-core reference CPU (AMX) bf16 runs at 1.2-1.4 TFLOP/s at 1024 but 2.1-2.6 at 2048
+# (bench/bench_components.py, 'matmul_peak'): one size alone would understate the peak and
+# overstate MFU. fp32 is ~0.34-0.40 TFLOP/s at both.
 CPU_PEAK_SIZES = (1024, 2048)
 
 

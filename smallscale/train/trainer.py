@@ -82,9 +82,11 @@ class ModelSection(Strict):
             raise UserError(f"model: {exc}") from None
 
 
-# torch.compile costs ~30 s on a 2-core CPU the first time a shape is seen (~8 s from inductor's
-# cache) and then saves 20-30% of every step (bench/bench_train.py: 290 -> 210 ms at 5M parameters;
-# 147 -> 113 ms for cpu-2m at micro-batch 8), so it repays itself within a few hundred steps.
+# torch.compile costs ~33 s on a 2-core CPU the first time a shape is seen and 7-8 s from inductor's
+# cache (bench/bench_components.py 'compile_cpu2m', with and without an empty
+# TORCHINDUCTOR_CACHE_DIR), then saves 25-30% of every step
+# (bench/bench_train.py: 316 -> 231 ms at 5M parameters; bench/bench_components.py, 'compile_cpu2m':
+# 131-155 -> 97-102 ms for cpu-2m at micro-batch 8), so it repays itself within a few hundred steps.
 AUTO_COMPILE_MIN_STEPS = 1000
 
 
