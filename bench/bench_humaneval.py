@@ -3,8 +3,9 @@
 Setup: a synthetic study (4 systems x 20 prompts = 120 comparisons per rater) served by
 `python -m smallscale.humaneval.cli serve` in a subprocess on 127.0.0.1 (waitress, --threads 8),
 votes in SQLite in the system temp dir (WAL, synchronous=FULL: every acknowledged vote is fsynced). Each of
---raters threads in this process is one rater with its own cookie session going through the real
-pages: a vote is POST /vote plus the redirected GET of the next comparison; every 10th vote is
+--raters threads in this process is one invited rater (invites written to the database before the
+server starts) with its own cookie session going through the real pages: their invite link, then per
+vote a POST /vote plus the redirected GET of the next comparison; every 10th vote is
 posted twice, as a browser retry would, and must count once. votes/s = acknowledged votes / wall
 time, from the first request to the last. Clients and server share the machine's cores, so this is
 a floor, not the server's capacity; the load average at the start is recorded.
@@ -26,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from smallscale.humaneval.loadcheck import run_load, start_server, write_synthetic_study
+from smallscale.humaneval.loadcheck import invite_raters, run_load, start_server, write_synthetic_study
 from smallscale.humaneval.store import read_votes
 from smallscale.io import atomic_write_json
 
@@ -46,14 +47,15 @@ def main() -> None:
         study = Path(tmp) / "study"
         write_synthetic_study(study, N_SYSTEMS, N_PROMPTS)
         db = study / "human_eval.sqlite"
+        invites = invite_raters(db, [f"rater{r}" for r in range(args.raters)])
         proc, url = start_server([study], db, threads=args.threads)
         try:
-            load = run_load(url, n_raters=args.raters, votes_per_rater=args.votes, resubmit_every=10)
+            load = run_load(url, invites, votes_per_rater=args.votes, resubmit_every=10)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
         votes = read_votes(db)
-    comparisons = {(v.rater, v.item_id, *sorted((v.system_left, v.system_right))) for v in votes}
+    comparisons = {(v.rater_id, v.item_id, *sorted((v.system_left, v.system_right))) for v in votes}
     checks = {
         "votes_in_db": len(votes),
         "distinct_tokens": len({v.token for v in votes}),

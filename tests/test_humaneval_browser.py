@@ -1,5 +1,5 @@
-"""End to end in headless Chromium: a rater votes with clicks and keys, hostile model output shows as
-text and runs nothing, the votes land in SQLite and the results reflect them.
+"""End to end in headless Chromium: an invited rater opens their link and votes with clicks and keys,
+hostile model output shows as text and runs nothing, the votes land in SQLite and the results reflect them.
 
 Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them). Writes a screenshot to the
 test's tmp dir, and to bench/results/humaneval_screenshot.png when SMALLSCALE_SAVE_SCREENSHOT=1.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -85,9 +86,14 @@ def test_a_rater_votes_with_clicks_and_keys_and_nothing_hostile_runs(study, brow
     proc, url = start_server([study], db)
     try:
         browser.get(url + "/")
-        browser.find_element(By.ID, "name").send_keys("alice")
-        browser.find_element(By.CSS_SELECTOR, "form.start button").click()
+        assert "ask the study owner for a link" in browser.find_element(By.ID, "message").text
+        port = url.rsplit(":", 1)[1]
+        invite = CliRunner().invoke(humaneval_app, ["invite", "alice", str(study), "--port", port])
+        assert invite.exit_code == 0, invite.output
+        (link,) = re.findall(r"http://\S+/r/\S+", invite.output)
+        browser.get(link)
         progress_is(0)
+        assert browser.current_url == url + "/rate"  # the token is gone from the address bar
         sides = browser.find_element(By.ID, "text-a").text + browser.find_element(By.ID, "text-b").text
         assert "run-c" not in sides  # systems are not named on the page
         browser.save_screenshot(str(tmp_path / "humaneval_screenshot.png"))
@@ -108,7 +114,7 @@ def test_a_rater_votes_with_clicks_and_keys_and_nothing_hostile_runs(study, brow
 
     votes = read_votes(db)
     assert [(v.rater, v.answer, v.reason) for v in votes] == [
-        ("alice", "a", ""), ("alice", "b", ""), ("alice", "tie", "a tidy bit better"), ("alice", "bad", "")
+        ("alice#1", "a", ""), ("alice#1", "b", ""), ("alice#1", "tie", "a tidy bit better"), ("alice#1", "bad", "")
     ]  # fmt: skip
     assert len({(v.item_id, *sorted((v.system_left, v.system_right))) for v in votes}) == 4
 

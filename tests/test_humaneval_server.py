@@ -17,6 +17,7 @@ from smallscale.errors import UserError
 from smallscale.humaneval.cli import humaneval_app
 from smallscale.humaneval.loadcheck import (
     RaterClient,
+    invite_raters,
     run_load,
     start_server,
     write_synthetic_study,
@@ -47,16 +48,17 @@ def stop(proc) -> None:
 
 def test_concurrent_votes_are_neither_lost_nor_duplicated(study):
     db = study / "human_eval.sqlite"
+    invites = invite_raters(db, [f"rater{r}" for r in range(8)])
     proc, url = start_server([study], db, threads=8)
     try:
-        load = run_load(url, n_raters=8, votes_per_rater=50, resubmit_every=5)  # 80 votes posted twice
+        load = run_load(url, invites, votes_per_rater=50, resubmit_every=5)  # 80 votes posted twice
     finally:
         stop(proc)
     assert load["errors"] == {} and load["votes_acknowledged"] == 400
     votes = read_votes(db)
     assert len(votes) == 400 and len({v.token for v in votes}) == 400
-    for rater, tokens in load["tokens"].items():
-        mine = [v for v in votes if v.rater == rater]
+    for rater_id, tokens in load["tokens"].items():
+        mine = [v for v in votes if v.rater_id == rater_id]
         assert sorted(v.token for v in mine) == sorted(tokens)
         assert len({comparison(v) for v in mine}) == 50  # no comparison twice
     assert proc.returncode == 0
@@ -64,9 +66,10 @@ def test_concurrent_votes_are_neither_lost_nor_duplicated(study):
 
 def test_a_killed_server_keeps_every_acknowledged_vote_and_a_restart_continues(study):
     db = study / "human_eval.sqlite"
+    invites = invite_raters(db, [f"rater{r}" for r in range(4)])
     proc, url = start_server([study], db, threads=4)
     result: dict = {}
-    voting = threading.Thread(target=lambda: result.update(run_load(url, n_raters=4, votes_per_rater=60, resubmit_every=0)))
+    voting = threading.Thread(target=lambda: result.update(run_load(url, invites, votes_per_rater=60, resubmit_every=0)))
     voting.start()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and len(read_votes(db)) < 40:
@@ -82,17 +85,18 @@ def test_a_killed_server_keeps_every_acknowledged_vote_and_a_restart_continues(s
     assert acknowledged <= stored and len(stored) - len(acknowledged) <= 4  # at most one unacknowledged per rater
 
     proc, url = start_server([study], db)
+    rater_id, invite_token = next(iter(invites.items()))
     try:
         rater = RaterClient(url)
-        rater.start("rater0")
-        before = {comparison(v) for v in read_votes(db) if v.rater == "rater0"}
+        rater.join(invite_token)  # the same link again, in a new browser
+        before = {comparison(v) for v in read_votes(db) if v.rater_id == rater_id}
         rater.vote("tie")
     finally:
         stop(proc)
     votes = read_votes(db)
     assert len(votes) == len(stored) + 1
     new = votes[-1]
-    assert new.rater == "rater0" and comparison(new) not in before
+    assert new.rater_id == rater_id and comparison(new) not in before
 
 
 def test_serve_reports_a_busy_port_and_a_folder_without_runs_in_one_line(study, tmp_path):

@@ -1,21 +1,25 @@
 """The rater web app: one prompt, two hidden systems' continuations, four answers.
 
 A Flask app served by waitress (multi-threaded, production-grade, pure Python). Pages:
-  GET  /        name form             POST /start  set the rater name (session cookie)
+  GET  /r/TOKEN a rater's invite link (`smallscale human-eval invite`): binds this browser's session
+                to that rater, then redirects to /rate so that the token leaves the address bar
   GET  /rate    the rater's open comparison, or a new one drawn uniformly at random from the
                 (prompt, system pair) comparisons they have not been shown; sides are a coin flip
   POST /vote    answer a, b, tie or bad (+ optional one-line reason) for the form's token
-Safety: model output is untrusted, so templates autoescape and the CSP allows scripts and styles
-from this origin only (no inline script, no handlers); every POST must carry the session's CSRF
-token and, when the browser sends one, a same-origin Origin; the session cookie is signed,
-HttpOnly and SameSite=Strict. Bad input gets a 4xx page that says what was wrong.
+  GET  /        redirects to /rate
+Only invited raters vote: /rate and /vote answer 403 unless the signed session names a rater whose
+invite is neither revoked nor expired (checked on every request), and votes are stored against the
+rater's id, so a display name grants nothing. Safety: model output is untrusted, so templates
+autoescape and the CSP allows scripts and styles from this origin only (no inline script, no
+handlers); every POST must carry the session's CSRF token and, when the browser sends one, a
+same-origin Origin; the session cookie is signed, HttpOnly and SameSite=Strict. Bad input gets a
+4xx page that says what was wrong.
 """
 
 from __future__ import annotations
 
 import hmac
 import random
-import re
 import secrets
 import sqlite3
 import threading
@@ -30,34 +34,26 @@ from werkzeug.exceptions import HTTPException
 from smallscale.humaneval import pages, store
 from smallscale.humaneval.items import Pool
 
-MAX_NAME = 40  # characters
 MAX_REASON = 280  # characters
-MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 64 * 1024  # request body; the vote form is well under 1 KiB
+MAX_HEADER_BYTES = 32 * 1024  # request line + headers; cookies of other apps on this host count too
 # (value stored, button label, keyboard shortcuts); A is the left side, B the right
 ANSWERS = (("a", "A better", ("1", "a")), ("b", "B better", ("2", "b")), ("tie", "Tie", ("3", "t")), ("bad", "Both bad", ("4", "x")))
 ANSWER_VALUES = tuple(value for value, _, _ in ANSWERS)
 assert ANSWER_VALUES == store.ANSWERS
-_NAME = re.compile(r"[^\W_][\w .'\-]*")  # a letter or digit first, then also space . _ ' -
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+NO_INVITE = (
+    "Voting is by invitation: open the personal link the study owner sent you. "
+    "If you have none, or it no longer works, ask the study owner for a link."
+)
+BAD_LINK = "This invite link is not valid: it is mistyped, revoked or expired. Ask the study owner for a new link."
 
 Comparison = tuple[str, str, str]  # (item_id, system_lo, system_hi)
-
-
-def valid_rater_name(raw: str) -> str:
-    """The name, NFC-normalised with runs of whitespace collapsed; ValueError saying what is wrong."""
-    name = " ".join(unicodedata.normalize("NFC", raw).split())
-    if not name:
-        raise ValueError("enter a name")
-    if len(name) > MAX_NAME:
-        raise ValueError(f"the name has {len(name)} characters; use at most {MAX_NAME}")
-    if not _NAME.fullmatch(name):
-        raise ValueError("use letters, digits, spaces and . _ ' - only, starting with a letter or digit")
-    return name
 
 
 def clean_reason(raw: str) -> str:
@@ -83,15 +79,15 @@ def draw_comparison(comparisons: Sequence[Comparison], seen: set[Comparison], rn
     return rng.choice(rest) if rest else None
 
 
-def next_assignment(conn: sqlite3.Connection, pool: Pool, current: frozenset[Comparison], rater: str, rng: random.Random) -> store.Assignment | None:
+def next_assignment(conn: sqlite3.Connection, pool: Pool, current: frozenset[Comparison], rater: store.Rater, rng: random.Random) -> store.Assignment | None:
     """The rater's open assignment, else a new one; one transaction, so concurrent tabs get the same."""
     with store.transaction(conn):
-        assignment = store.open_assignment(conn, rater)
+        assignment = store.open_assignment(conn, rater.id)
         if assignment is not None and assignment.comparison not in current:  # its run or prompt is no longer served
             store.drop_assignment(conn, assignment.token)
             assignment = None
         if assignment is None:
-            pick = draw_comparison(pool.comparisons, store.seen_comparisons(conn, rater), rng)
+            pick = draw_comparison(pool.comparisons, store.seen_comparisons(conn, rater.id), rng)
             if pick is not None:
                 item, lo, hi = pick
                 left, right = (lo, hi) if rng.random() < 0.5 else (hi, lo)
@@ -112,6 +108,7 @@ def create_app(pool: Pool, db_path: str | Path, allowed_hosts: frozenset[str] | 
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
         MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES,
+        VOTE_DB=db_path,
     )
     env = Environment(
         loader=DictLoader(pages.TEMPLATES), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True
@@ -135,6 +132,11 @@ def create_app(pool: Pool, db_path: str | Path, allowed_hosts: frozenset[str] | 
     def render(template: str, status: int = 200, **context) -> Response:
         html = env.get_template(template).render(csrf=csrf_token(), **context)
         return Response(html, status=status, mimetype="text/html")
+
+    def current_rater() -> store.Rater | None:
+        """The invited rater this browser's signed session names, while their invite is valid."""
+        rater_id = session.get("rater_id")
+        return store.active_rater(db(), rater_id) if isinstance(rater_id, int) else None
 
     def field(name: str) -> str:
         value = request.form.get(name)
@@ -172,40 +174,39 @@ def create_app(pool: Pool, db_path: str | Path, allowed_hosts: frozenset[str] | 
 
     @app.get("/")
     def index():
-        return render("start.html", error=None, name=session.get("rater", ""), max_name=MAX_NAME)
+        return redirect("/rate", code=303)
 
-    @app.post("/start")
-    def start():
-        raw = field("name")
-        try:
-            name = valid_rater_name(raw)
-        except ValueError as exc:
-            return render("start.html", status=400, error=str(exc), name=raw[: MAX_NAME * 2], max_name=MAX_NAME)
-        session["rater"] = name
+    @app.get("/r/<token>")
+    def join(token: str):
+        rater = store.rater_for_token(db(), token)
+        if rater is None:
+            return render("invite.html", status=403, message=BAD_LINK)
+        session.clear()  # whoever used this browser before: their session and CSRF token go
+        session["rater_id"] = rater.id
         return redirect("/rate", code=303)
 
     @app.get("/rate")
     def rate():
-        rater = session.get("rater")
-        if not rater:
-            return redirect("/", code=303)
+        rater = current_rater()
+        if rater is None:
+            return render("invite.html", status=403, message=NO_INVITE)
         assignment = next_assignment(db(), pool, current, rater, rng)
-        done = store.count_votes(db(), rater)
+        done = store.count_votes(db(), rater.id)
         total = len(pool.comparisons)
         if assignment is None:
-            return render("done.html", rater=rater, done=done, total=total)
+            return render("done.html", rater=rater.name, done=done, total=total)
         item = pool.items[assignment.item_id]
         return render(
-            "rate.html", rater=rater, done=done, total=total, token=assignment.token, prompt=item.prompt,
+            "rate.html", rater=rater.name, done=done, total=total, token=assignment.token, prompt=item.prompt,
             left=item.continuations[assignment.system_left], right=item.continuations[assignment.system_right],
             answers=ANSWERS, max_reason=MAX_REASON,
         )  # fmt: skip
 
     @app.post("/vote")
     def vote():
-        rater = session.get("rater")
-        if not rater:
-            abort(403, "enter your name on the start page before voting")
+        rater = current_rater()
+        if rater is None:
+            return render("invite.html", status=403, message=NO_INVITE)
         token, answer = field("token"), field("answer")
         if answer not in ANSWER_VALUES:
             abort(400, f"answer {answer[:20]!r} is not one of {', '.join(ANSWER_VALUES)}")
@@ -213,7 +214,7 @@ def create_app(pool: Pool, db_path: str | Path, allowed_hosts: frozenset[str] | 
             reason = clean_reason(request.form.get("reason", ""))
         except ValueError as exc:
             abort(400, str(exc))
-        outcome = store.record_vote(db(), token[:100], rater, answer, reason)
+        outcome = store.record_vote(db(), token[:100], rater.id, answer, reason)
         if outcome == store.UNKNOWN_TOKEN:
             abort(400, "this comparison is unknown to the server; reload the page for a new one")
         if outcome == store.OTHER_RATER:
@@ -241,4 +242,18 @@ def create_server(pool: Pool, db_path: str | Path, host: str = "127.0.0.1", port
     import waitress
 
     app = create_app(pool, db_path, allowed_hosts=LOCAL_HOSTS if host in LOCAL_HOSTS else None)
-    return waitress.create_server(app, host=host, port=port, threads=threads, ident="smallscale")
+    return waitress.create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        ident="smallscale",
+        # waitress answers 413 as soon as the headers declare a body this size or larger (and stops a
+        # chunked one there), so a body the app would refuse is never read, let alone spooled to disk
+        max_request_body_size=MAX_REQUEST_BYTES + 1,
+        # every body that passes (plus one 8 KiB read past the limit for a chunked one) stays in memory
+        inbuf_overflow=2 * MAX_REQUEST_BYTES,
+        max_request_header_size=MAX_HEADER_BYTES,  # larger: 431
+        connection_limit=100,  # open connections (a browser keeps up to 6); beyond it, new ones wait
+        channel_timeout=30,  # seconds without traffic before a connection is dropped (checked every 30 s)
+    )

@@ -1,9 +1,10 @@
 """A bounded load check for a running rater app, and the synthetic study it runs on.
 
-Used by tests/test_humaneval_server.py and bench/bench_humaneval.py. Each simulated rater is a
-thread with its own cookie session that goes through the real pages (start form, comparison page,
-vote form, following the redirects) with the standard library's HTTP client; every `resubmit_every`th
-vote is posted twice, as a browser retry would, and must still count once.
+Used by tests/test_humaneval_server.py and bench/bench_humaneval.py. Each simulated rater is an
+invited rater (`invite_raters`) and a thread with its own cookie session that goes through the real
+pages (invite link, comparison page, vote form, following the redirects) with the standard library's
+HTTP client; every `resubmit_every`th vote is posted twice, as a browser retry would, and must still
+count once.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from http.cookiejar import CookieJar
 from pathlib import Path
 from urllib.parse import urlencode
 from urllib.request import HTTPCookieProcessor, build_opener
 
+from smallscale.humaneval import store
 from smallscale.humaneval.store import ANSWERS
 
 _HIDDEN = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
@@ -38,6 +41,14 @@ def write_synthetic_study(study_dir: str | Path, n_systems: int, n_prompts: int)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(x) + "\n" for x in samples), encoding="utf-8")
     return systems
+
+
+def invite_raters(db: str | Path, names: list[str]) -> dict[int, str]:
+    """Invite one rater per name into the vote database `db` (created if needed): rater id -> invite token."""
+    store.init_db(db)
+    with closing(store.connect(db)) as conn:
+        invites = [store.add_rater(conn, name) for name in names]
+    return {rater.id: token for rater, token in invites}
 
 
 class RaterClient:
@@ -59,9 +70,9 @@ class RaterClient:
         """A hidden form field of the current page (csrf, token)."""
         return dict(_HIDDEN.findall(self.page)).get(name)
 
-    def start(self, name: str) -> None:
-        self.open("/")
-        self.open("/start", {"csrf": self.hidden("csrf"), "name": name})
+    def join(self, invite_token: str) -> None:
+        """Open the rater's invite link; it redirects to their first comparison."""
+        self.open(f"/r/{invite_token}")
 
     def vote(self, answer: str, reason: str = "", times: int = 1) -> str:
         """Answer the comparison on the current page (posting the same form `times` times); its token."""
@@ -73,27 +84,28 @@ class RaterClient:
         return token
 
 
-def run_load(base_url: str, n_raters: int, votes_per_rater: int, resubmit_every: int = 10) -> dict:
-    """n_raters threads each cast votes_per_rater votes; returns counts, tokens acknowledged, votes/s.
+def run_load(base_url: str, invites: dict[int, str], votes_per_rater: int, resubmit_every: int = 10) -> dict:
+    """One thread per invited rater (id -> invite token) casts votes_per_rater votes; returns counts,
+    the comparison tokens acknowledged per rater id, votes/s.
 
     A vote is acknowledged when its POST and the redirect to the next page both succeeded. A thread
     that hits a network error stops and reports it (the server may have been killed on purpose).
     """
-    acknowledged: dict[str, list[str]] = {}
-    errors: dict[str, str] = {}
+    acknowledged: dict[int, list[str]] = {}
+    errors: dict[int, str] = {}
 
-    def rater(name: str, seed: int) -> None:
+    def rater(rater_id: int, invite_token: str) -> None:
         client, tokens = RaterClient(base_url), []
-        acknowledged[name] = tokens
+        acknowledged[rater_id] = tokens
         try:
-            client.start(name)
+            client.join(invite_token)
             for i in range(votes_per_rater):
                 times = 2 if resubmit_every and (i + 1) % resubmit_every == 0 else 1
-                tokens.append(client.vote(ANSWERS[(seed + i) % len(ANSWERS)], times=times))
+                tokens.append(client.vote(ANSWERS[(rater_id + i) % len(ANSWERS)], times=times))
         except (OSError, http.client.HTTPException) as exc:  # URLError, HTTPError, reset, cut-off reply
-            errors[name] = repr(exc)
+            errors[rater_id] = repr(exc)
 
-    threads = [threading.Thread(target=rater, args=(f"rater{r}", r)) for r in range(n_raters)]
+    threads = [threading.Thread(target=rater, args=item) for item in invites.items()]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -102,7 +114,7 @@ def run_load(base_url: str, n_raters: int, votes_per_rater: int, resubmit_every:
     seconds = time.perf_counter() - start
     n_votes = sum(len(tokens) for tokens in acknowledged.values())
     return {
-        "raters": n_raters,
+        "raters": len(invites),
         "votes_per_rater": votes_per_rater,
         "votes_acknowledged": n_votes,
         "seconds": seconds,

@@ -23,32 +23,27 @@ BASE = """<!doctype html>
 </html>
 """
 
-START = """{% extends "base.html" %}
+INVITE = """{% extends "base.html" %}
+{% block title %}Invitation needed{% endblock %}
 {% block body %}
-<h1>Human evaluation</h1>
-<p>You will see the start of a text and two continuations of it, written by two different systems.
-The systems are hidden and their sides are random. Pick the better continuation: fluent, coherent,
-and a plausible way to go on from the start.</p>
-{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
-<form method="post" action="/start" class="start">
-  <input type="hidden" name="csrf" value="{{ csrf }}">
-  <label for="name">Your name</label>
-  <input id="name" name="name" type="text" required maxlength="{{ max_name }}" autocomplete="nickname"
-         autofocus value="{{ name }}">
-  <button type="submit">Start</button>
-</form>
-<p class="hint">Letters, digits, spaces and . _ ' - (up to {{ max_name }} characters). Your votes are stored
-under this name; use the same one to continue later.</p>
+<h1>Invitation needed</h1>
+<p class="error" role="alert" id="message">{{ message }}</p>
 {% endblock %}
 """
 
 RATE = """{% extends "base.html" %}
 {% block body %}
 <header>
-  <span>Rater <b id="rater">{{ rater }}</b> · <a href="/">change</a></span>
+  <span>Rater <b id="rater">{{ rater }}</b></span>
   <span class="progress"><progress value="{{ done }}" max="{{ total }}"></progress>
     <span id="progress">{{ done }} of {{ total }}</span> comparisons judged</span>
 </header>
+{% if done == 0 %}
+<p>You will see the start of a text and two continuations of it, written by two different systems.
+The systems are hidden and their sides are random. Pick the better continuation: fluent, coherent,
+and a plausible way to go on from the start. To continue later, open your personal link again; it is
+yours alone, so do not share it.</p>
+{% endif %}
 <section class="prompt">
   <h2>Start of the text</h2>
   <div class="text" id="prompt">{{ prompt }}</div>
@@ -91,7 +86,7 @@ ERROR = """{% extends "base.html" %}
 {% endblock %}
 """
 
-TEMPLATES = {"base.html": BASE, "start.html": START, "rate.html": RATE, "done.html": DONE, "error.html": ERROR}
+TEMPLATES = {"base.html": BASE, "invite.html": INVITE, "rate.html": RATE, "done.html": DONE, "error.html": ERROR}
 
 CSS = """
 body { font: 16px/1.5 system-ui, sans-serif; margin: 0; background: #f6f6f4; color: #1d1d1b; }
@@ -105,13 +100,12 @@ h2 { font-size: 0.9rem; text-transform: uppercase; letter-spacing: 0.05em; color
 .reason { display: block; margin-bottom: 0.8rem; }
 .reason input { width: 100%; box-sizing: border-box; padding: 0.4rem; font: inherit; }
 .answers { display: flex; gap: 0.6rem; flex-wrap: wrap; }
-.answers button, .start button { font: inherit; padding: 0.5rem 1.1rem; border-radius: 6px; border: 1px solid #888;
-                                 background: #fff; cursor: pointer; }
+.answers button { font: inherit; padding: 0.5rem 1.1rem; border-radius: 6px; border: 1px solid #888;
+                  background: #fff; cursor: pointer; }
 .answers button:hover, .answers button:focus { background: #e8eefc; }
 kbd { font-size: 0.8em; border: 1px solid #aaa; border-radius: 3px; padding: 0 0.3em; color: #555; }
 .hint { color: #666; font-size: 0.9rem; }
 .error { color: #a00; font-weight: bold; }
-.start input { font: inherit; padding: 0.4rem; margin: 0 0.5rem; }
 @media (max-width: 700px) { .pair { grid-template-columns: 1fr; } }
 """
 

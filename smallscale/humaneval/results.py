@@ -9,6 +9,11 @@ Conventions (stated again in every output):
   answer made order-free (first system better, second better, tie, both bad): Krippendorff's alpha
   (nominal) over comparisons rated by at least two raters, and Cohen's kappa for every pair of
   raters on the comparisons they share (reported alone as `cohen_kappa` when there are two raters).
+- Only invited raters count, identified by rater id (names may repeat). Votes from before invites
+  (a database from an older smallscale, rater id NULL) came from whoever typed a name, so one person
+  may stand behind many names: they are left out of everything by default, and of the agreement
+  statistics always; `include_uninvited` counts them in win rates and Bradley-Terry. The number left
+  out is reported.
 """
 
 from __future__ import annotations
@@ -49,19 +54,22 @@ def order_free_answer(vote: Vote) -> str:
 
 
 def agreement(votes: list[Vote]) -> dict:
-    """Krippendorff's alpha over comparisons and Cohen's kappa per pair of raters (see module docstring)."""
-    units: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)  # comparison -> rater -> answer
-    for v in votes:
+    """Krippendorff's alpha over comparisons and Cohen's kappa per pair of raters (see module docstring),
+    from the invited raters' votes only: the others are skipped here, whatever the caller passes."""
+    invited = [v for v in votes if v.invited]
+    labels = {v.rater_id: v.rater for v in invited}
+    units: dict[tuple[str, str, str], dict[int, str]] = defaultdict(dict)  # comparison -> rater id -> answer
+    for v in invited:
         lo, hi = sorted((v.system_left, v.system_right))
-        units[v.item_id, lo, hi].setdefault(v.rater, order_free_answer(v))
+        units[v.item_id, lo, hi].setdefault(v.rater_id, order_free_answer(v))
     multi = [unit for unit in units.values() if len(unit) >= 2]
-    raters = sorted({v.rater for v in votes})
+    raters = sorted(labels)
     pairs = []
     for r1, r2 in combinations(raters, 2):
         shared = [unit for unit in multi if r1 in unit and r2 in unit]
         if len(shared) >= MIN_SHARED_FOR_KAPPA:
             kappa = cohen_kappa([u[r1] for u in shared], [u[r2] for u in shared])
-            pairs.append({"raters": [r1, r2], "n_shared": len(shared), "kappa": kappa})
+            pairs.append({"raters": [labels[r1], labels[r2]], "n_shared": len(shared), "kappa": kappa})
     return {
         "krippendorff_alpha": krippendorff_alpha_nominal([list(unit.values()) for unit in multi]),
         "n_comparisons_multiply_rated": len(multi),
@@ -71,23 +79,25 @@ def agreement(votes: list[Vote]) -> dict:
     }
 
 
-def summarize(votes: list[Vote], n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict | None:
-    """Everything `results` reports, as plain JSON-able data; None if there are no votes."""
+def summarize(votes: list[Vote], n_boot: int = DEFAULT_N_BOOT, seed: int = 0, include_uninvited: bool = False) -> dict | None:
+    """Everything `results` reports, as plain JSON-able data; None if no vote counts (see module docstring)."""
     if n_boot < 1:
         raise UserError(f"--n-boot must be >= 1, got {n_boot}")
-    if not votes:
+    n_uninvited = sum(not v.invited for v in votes)
+    counted = votes if include_uninvited else [v for v in votes if v.invited]
+    if not counted:
         return None
-    systems = sorted({v.system_left for v in votes} | {v.system_right for v in votes})
+    systems = sorted({v.system_left for v in counted} | {v.system_right for v in counted})
     index = {s: i for i, s in enumerate(systems)}
-    first = np.array([index[v.system_left] for v in votes])
-    second = np.array([index[v.system_right] for v in votes])
-    left_score = np.array([LEFT_SCORE[v.answer] for v in votes])
+    first = np.array([index[v.system_left] for v in counted])
+    second = np.array([index[v.system_right] for v in counted])
+    left_score = np.array([LEFT_SCORE[v.answer] for v in counted])
     scores, resampled = bootstrap_bradley_terry(first, second, left_score, len(systems), n_boot, seed, prior=BT_PRIOR)
     bt_low, bt_high = np.percentile(resampled, [2.5, 97.5], axis=0)
 
     counts = {s: Counter() for s in systems}  # won / lost / tie / both bad, per system
     pair_counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    for v in votes:
+    for v in counted:
         lo, hi = sorted((v.system_left, v.system_right))
         if v.answer in ("tie", "bad"):
             outcome = "tie" if v.answer == "tie" else "both bad"
@@ -119,12 +129,14 @@ def summarize(votes: list[Vote], n_boot: int = DEFAULT_N_BOOT, seed: int = 0) ->
         })
     rows.sort(key=lambda r: (-r["bt_score"], r["system"]))
     return {
-        "n_votes": len(votes),
-        "n_raters": len({v.rater for v in votes}),
-        "n_items": len({v.item_id for v in votes}),
-        "n_comparisons": len({(v.item_id, *sorted((v.system_left, v.system_right))) for v in votes}),
+        "n_votes": len(counted),
+        "n_raters": len({v.rater_id for v in counted if v.invited}),
+        "n_votes_uninvited": n_uninvited,
+        "uninvited_counted": include_uninvited,
+        "n_items": len({v.item_id for v in counted}),
+        "n_comparisons": len({(v.item_id, *sorted((v.system_left, v.system_right))) for v in counted}),
         "n_systems": len(systems),
-        "answers": {a: sum(v.answer == a for v in votes) for a in LEFT_SCORE},
+        "answers": {a: sum(v.answer == a for v in counted) for a in LEFT_SCORE},
         "systems": rows,
         "pairwise": [
             {"first": lo, "second": hi, "first_won": c["first won"], "second_won": c["second won"], "tie": c["tie"], "both_bad": c["both bad"]}
@@ -138,15 +150,24 @@ def summarize(votes: list[Vote], n_boot: int = DEFAULT_N_BOOT, seed: int = 0) ->
             "MM fit (Hunter 2004)",
             "bt_ci95": f"2.5-97.5 percentiles over {n_boot} bootstrap resamples of the votes (seed {seed})",
             "agreement": "per comparison (prompt + system pair), answers as first/second better, tie, both bad; "
-            "Krippendorff's alpha (nominal) and Cohen's kappa per rater pair",
+            "Krippendorff's alpha (nominal) and Cohen's kappa per rater pair; invited raters only",
+            "uninvited": _uninvited_text(n_uninvited, include_uninvited),
             "n_boot": n_boot,
             "seed": seed,
         },
     }
 
 
+def _uninvited_text(n_uninvited: int, counted: bool) -> str:
+    if n_uninvited == 0:
+        return "every vote is from an invited rater"
+    where = "counted in win rates and Bradley-Terry scores but left out of agreement" if counted else "left out of every number"
+    return f"{n_uninvited} vote(s) from before rater invites (no rater id: whoever typed a name) are {where}"
+
+
 def load_summary(study_dir: str | Path) -> dict | None:
-    """The human-eval summary of a study (default settings), or None without a vote database or votes."""
+    """The human-eval summary of a study (default settings: invited raters only), or None without a
+    vote database or votes from invited raters."""
     db = Path(study_dir) / DB_NAME
     if not db.is_file():
         return None
@@ -177,10 +198,20 @@ def _table_rows(summary: dict) -> list[tuple[str, ...]]:
 
 
 def _counts_line(summary: dict) -> str:
+    uninvited = summary["n_votes_uninvited"]
+    of_them = f" ({uninvited} from before invites)" if summary["uninvited_counted"] and uninvited else ""
     return (
-        f"{summary['n_votes']} votes from {summary['n_raters']} rater(s) on {summary['n_items']} prompt(s) "
+        f"{summary['n_votes']} votes{of_them} from {summary['n_raters']} invited rater(s) on {summary['n_items']} prompt(s) "
         f"({summary['n_comparisons']} distinct comparisons of {summary['n_systems']} systems)."
     )
+
+
+def _intro_lines(summary: dict) -> list[str]:
+    """The counts, and what happened to votes from before invites if there are any."""
+    lines = [_counts_line(summary)]
+    if summary["n_votes_uninvited"]:
+        lines.append(summary["method"]["uninvited"] + ".")
+    return lines
 
 
 def _agreement_lines(summary: dict) -> list[str]:
@@ -213,7 +244,7 @@ def summary_markdown(summary: dict) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
-    lines = [_counts_line(summary), "", "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    lines = [*_intro_lines(summary), "", "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in _table_rows(summary)]
     lines += ["", *_agreement_lines(summary), "", _method_line(summary), ""]
     return "\n".join(lines)
@@ -230,7 +261,7 @@ def summary_html(summary: dict, plot_name: str | None) -> str:
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Human evaluation</title>'
         "<style>body{font:15px/1.5 system-ui,sans-serif;margin:2rem}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}td:first-child{text-align:left}</style>"
-        f"</head><body><h1>Human evaluation</h1><p>{esc(_counts_line(summary))}</p>"
+        f"</head><body><h1>Human evaluation</h1>{''.join(f'<p>{esc(line)}</p>' for line in _intro_lines(summary))}"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{paragraphs}"
         f"<p>{esc(_method_line(summary))}</p>{plot}</body></html>\n"
     )
@@ -292,10 +323,16 @@ def resolve_db(path: str | Path) -> tuple[Path, Path]:
     raise UserError(f"{str(path)!r} does not exist; give a study dir or a {DB_NAME} file")
 
 
-def results_for(path: str | Path, out: str | Path | None, n_boot: int, seed: int) -> tuple[dict, list[Path]]:
-    """Summarize the votes behind `path` and write the result files; UserError without votes."""
+def results_for(path: str | Path, out: str | Path | None, n_boot: int, seed: int, include_uninvited: bool = False) -> tuple[dict, list[Path]]:
+    """Summarize the votes behind `path` and write the result files; UserError without votes that count."""
     db, default_out = resolve_db(path)
-    summary = summarize(read_votes(db), n_boot=n_boot, seed=seed)
+    votes = read_votes(db)
+    summary = summarize(votes, n_boot=n_boot, seed=seed, include_uninvited=include_uninvited)
+    if summary is None and votes:
+        raise UserError(
+            f"{str(db)!r} has {len(votes)} vote(s), all from before rater invites (no rater id), which results leave out; "
+            "add --include-uninvited to count them in win rates and Bradley-Terry scores"
+        )
     if summary is None:
-        raise UserError(f"{str(db)!r} has no votes yet; collect some with `smallscale human-eval serve`")
+        raise UserError(f"{str(db)!r} has no votes yet; invite raters with `smallscale human-eval invite` and collect some with `serve`")
     return summary, write_results(summary, out if out is not None else default_out)
