@@ -31,6 +31,11 @@ run's model and the dataset's vocabulary), `seq_len`, `vocab_size`, `n_layer`, `
 20 tokens per parameter), `data.token_budget: min(train_tokens, dataset_tokens)` (more than one
 epoch where the data runs out; `train_tokens` is the derived `train.tokens` above it).
 
+Names that become file or folder names (the study's, its datasets', its evals' result names, run
+ids) must be plain names (`paths.py`): a study file may come from anyone, and `../../x` must not
+reach outside the study directory. Derived values, the YAML itself (`config.py`) and the number of
+runs (`MAX_RUNS`) are bounded for the same reason.
+
 A run is identified by the sha256 of its resolved config (without `out`); its id (directory name) is
 a readable slug of its axis values plus 8 hex digits of that hash. A run reached from two blocks runs
 once, and a run whose directory exists keeps it, so an unchanged run is never redone when the file
@@ -49,25 +54,65 @@ import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from smallscale.config import Strict, deep_merge, read_yaml, validate
+from smallscale.config import MAX_KEY_PARTS, Strict, deep_merge, read_yaml, validate
 from smallscale.errors import UserError
+from smallscale.paths import NAME_RULE, check_inside, check_name, is_plain_name
+
+MAX_RUNS = 10_000  # points over all blocks, before duplicates are merged: a study file is not a way to hang `plan`
+GENERIC_PREFIX = "generic:"  # a task from a spec file (eval/tasks/registry.py); its result name is made safe there
+
+
+def _plain_name(name: str) -> str:
+    if not is_plain_name(name):
+        raise ValueError(f"not a plain name; {NAME_RULE}")
+    return name
+
+
+def _task_name(task: str) -> str:
+    return task if task.startswith(GENERIC_PREFIX) else _plain_name(task)
+
+
+def _axis_keys(axes: dict[str, Any]) -> dict[str, Any]:
+    for key in axes:
+        parts = key.split(".")
+        if "" in parts or len(parts) > MAX_KEY_PARTS:
+            raise ValueError(f"key {key!r} must be a dotted run-config path such as optim.lr or a bare name such as tokens")
+    return axes
+
+
+def _dataset_names(datasets: dict[str, Any]) -> dict[str, Any]:
+    for name in datasets:  # each is prepared into STUDY_DIR/data/<name>
+        if not is_plain_name(name):
+            raise ValueError(f"dataset name {name!r} is not a plain name; {NAME_RULE}")
+    return datasets
+
+
+def _no_nul(path: str) -> str:
+    if "\0" in path:
+        raise ValueError("a path cannot contain a NUL character")
+    return path
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]  # one file or folder name (paths.py)
+TaskName = Annotated[str, AfterValidator(_task_name)]  # a task that names its result file, or generic:SPEC
+AXIS_KEYS = AfterValidator(_axis_keys)
 
 
 class DatasetSpec(Strict):
     """A dataset of the study: `path` to a prepared dataset, or `source` (+ prepare options)."""
 
     model_config = {"extra": "allow"}  # every `smallscale data prepare` option (PrepareConfig fields)
-    path: str | None = None
+    path: Annotated[str, AfterValidator(_no_nul)] | None = None
     source: str | None = None
 
 
 class EvalSpec(Strict):
-    task: str
-    name: str | None = Field(None, description="result name (eval/<name>.json); default: the task")
+    task: TaskName
+    name: PlainName | None = Field(None, description="result name (eval/<name>.json); default: the task")
     limit: int | None = Field(None, gt=0)
     batch_size: int | None = Field(None, gt=0)
     options: dict[str, Any] = {}
@@ -78,9 +123,14 @@ class EvalSpec(Strict):
 
 
 class Block(Strict):
-    grid: dict[str, list[Any]] = {}
-    zip: dict[str, list[Any]] = {}
-    set: dict[str, Any] = {}
+    grid: Annotated[dict[str, list[Any]], AXIS_KEYS] = {}
+    zip: Annotated[dict[str, list[Any]], AXIS_KEYS] = {}
+    set: Annotated[dict[str, Any], AXIS_KEYS] = {}
+
+    def size(self) -> int:
+        """How many points the block has: the product of the grid lists, times the zip rows."""
+        zip_rows = len(next(iter(self.zip.values()))) if self.zip else 1
+        return math.prod(len(values) for values in self.grid.values()) * zip_rows
 
 
 class ExecutorSpec(Strict):
@@ -90,16 +140,16 @@ class ExecutorSpec(Strict):
 
 
 class StudySpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: PlainName  # the default study directory is studies/<name>
     description: str = ""
-    datasets: dict[str, DatasetSpec]
+    datasets: Annotated[dict[str, DatasetSpec], AfterValidator(_dataset_names)]
     dataset: str | None = Field(None, description="the default dataset (required when there are several)")
     base: dict[str, Any] = {}
     grids: list[Block] = []
-    grid: dict[str, list[Any]] = {}
-    zip: dict[str, list[Any]] = {}
-    derive: dict[str, str | int | float] = {}
-    evals: list[str | EvalSpec] = []
+    grid: Annotated[dict[str, list[Any]], AXIS_KEYS] = {}
+    zip: Annotated[dict[str, list[Any]], AXIS_KEYS] = {}
+    derive: Annotated[dict[str, str | int | float], AXIS_KEYS] = {}
+    evals: list[TaskName | EvalSpec] = []
     executor: ExecutorSpec = ExecutorSpec()
     expected: dict[str, Any] = {}  # free-form notes (e.g. expected GPU-hours), copied to the report
 
@@ -119,6 +169,9 @@ class RunSpec:
     dataset: str
     evals: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:  # also for runs read back from a manifest.json, which anyone may edit
+        check_name(self.id, "run id")
+
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "axes": self.axes, "dataset": self.dataset, "config": self.config, "evals": self.evals}
 
@@ -132,6 +185,9 @@ def load_study(path: str | Path) -> StudySpec:
         for key, values in {**block.grid, **block.zip}.items():
             if not values:
                 raise UserError(f"{path}: axis {key!r} has no values")
+    n_points = sum(block.size() for block in spec.blocks())
+    if n_points > MAX_RUNS:
+        raise UserError(f"{path}: the grids have {n_points:,} points; a study may have at most {MAX_RUNS:,} runs")
     if spec.dataset is None and len(spec.datasets) > 1 and not any(
         "dataset" in {**b.grid, **b.zip, **b.set} for b in spec.blocks()
     ):
@@ -143,7 +199,12 @@ def load_study(path: str | Path) -> StudySpec:
 
 
 def dataset_dir(study_dir: Path, name: str, ds: DatasetSpec) -> Path:
-    return Path(ds.path).resolve() if ds.path else (study_dir / "data" / name).resolve()
+    """A `path` dataset is only read, wherever it is; a `source` dataset is prepared (written, and
+    its work folder deleted) in STUDY_DIR/data/<name>, which must lie inside the study directory."""
+    if ds.path is not None:
+        return Path(ds.path).resolve()
+    folder = Path(study_dir) / "data" / check_name(name, "dataset name")
+    return check_inside(folder, study_dir, f"dataset {name!r} folder")
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -172,7 +233,7 @@ def expand(
     axis_names = _axis_order(spec)
     for point in (p for block in spec.blocks() for p in block_points(block)):
         dataset = point.get("dataset", spec.dataset or next(iter(spec.datasets)))
-        if dataset not in spec.datasets:
+        if not isinstance(dataset, str) or dataset not in spec.datasets:
             raise UserError(f"study {spec.name}: dataset {dataset!r} is not one of {', '.join(spec.datasets)}")
         config = copy.deepcopy(spec.base)
         config.pop("out", None)
@@ -197,7 +258,7 @@ def expand(
             runs[digest].axes = {**axes, **runs[digest].axes}
             continue
         run_id = _existing_id(study_dir, digest) or make_id(axes, digest)
-        resolved["out"] = str((study_dir / "runs" / run_id).resolve())
+        resolved["out"] = str(check_inside(study_dir / "runs" / check_name(run_id, "run id"), study_dir, "run directory"))
         evals = [e.model_dump() for e in spec.eval_specs()]
         runs[digest] = RunSpec(id=run_id, axes=axes, config=resolved, dataset=dataset, evals=evals)
     return list(runs.values())
@@ -224,7 +285,7 @@ def config_digest(resolved: dict[str, Any]) -> str:
 def _existing_id(study_dir: Path, digest: str) -> str | None:
     """A run directory already made for this config keeps its name, whatever the axes now read."""
     found = sorted((study_dir / "runs").glob(f"*{digest}")) if (study_dir / "runs").is_dir() else []
-    return found[0].name if found else None
+    return next((p.name for p in found if is_plain_name(p.name)), None)
 
 
 def _axis_order(spec: StudySpec) -> list[str]:
@@ -257,8 +318,11 @@ def _variables(point: dict[str, Any], config: dict[str, Any], vocab_size: int) -
         return variables  # the run's own validation reports the problem
     import torch
 
-    with torch.device("meta"):  # exact counts without allocating the weights
-        model = GPT(model_cfg)
+    try:
+        with torch.device("meta"):  # exact counts without allocating the weights
+            model = GPT(model_cfg)
+    except RuntimeError as exc:  # on the meta device only a size too large for int64 fails
+        raise UserError(f"model {_brief(config.get('model'), 200)} is too large to build: {exc}") from None
     variables.update(
         params=model.num_params(), non_embedding_params=model.num_params(non_embedding=True), vocab_size=vocab_size,
         seq_len=model_cfg.seq_len, n_layer=model_cfg.n_layer, d_model=model_cfg.d_model,
@@ -287,38 +351,112 @@ def _short(value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- derived values
-# A dozen lines of AST walking instead of eval(): study files may come from anyone, and only
-# arithmetic on known names is needed (no attribute access, calls other than these, or imports).
+# An AST walker instead of eval(): study files may come from anyone, and only arithmetic on known
+# names is needed (no attribute access, calls other than these, or imports). It is bounded too, so
+# that a short expression can neither hang nor exhaust memory (`2**10**10` needs 1.5 GB): the
+# expression's length and AST size, and every number it makes: finite, at most 2**63 in size
+# (token counts fit in int64), and a power is refused before it is computed when it would not be.
+MAX_EXPR_CHARS = 1000
+MAX_EXPR_NODES = 256  # AST nodes, operators included: `ceil(tokens / 8192) * 8192` has 11
+MAX_EXPR_DEPTH = 32
+MAX_DERIVED = 2**63
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}  # fmt: skip
-_FUNCTIONS = {"int": int, "round": round, "min": min, "max": max, "ceil": math.ceil, "floor": math.floor}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+# name -> (function, fewest arguments, most arguments)
+_FUNCTIONS = {"int": (int, 1, 1), "round": (round, 1, 2), "min": (min, 2, MAX_EXPR_NODES), "max": (max, 2, MAX_EXPR_NODES),
+              "ceil": (math.ceil, 1, 1), "floor": (math.floor, 1, 1)}  # fmt: skip
+MAX_ROUND_DIGITS = 30  # round(x, -10**18) would compute 10**(10**18)
+_OUT_OF_RANGE = "a number is out of range (derived numbers are finite and at most 2**63 in size)"
 
 
 def evaluate(expr: str, variables: dict[str, Any]) -> Any:
-    """Evaluate an arithmetic expression such as `20 * params` or `ceil(tokens / 8192) * 8192`."""
+    """Evaluate an arithmetic expression such as `20 * params` or `ceil(tokens / 8192) * 8192`.
 
-    def walk(node: ast.AST) -> Any:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, ast.Name):
-            if node.id not in variables:
-                raise UserError(f"derived value {expr!r}: unknown name {node.id!r}; known: {', '.join(sorted(variables))}")
-            return variables[node.id]
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            return _BINARY[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -walk(node.operand)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords:
-            return _FUNCTIONS[node.func.id](*(walk(a) for a in node.args))
-        raise UserError(f"derived value {expr!r}: only arithmetic, names and {', '.join(_FUNCTIONS)} are allowed")
-
+    Any problem (syntax, an unknown name, division by zero, a number out of range, a wrong number
+    of arguments) is a one-line UserError that names the expression."""
+    text = str(expr)
+    where = f"derived value {_brief(text)}"
+    if len(text) > MAX_EXPR_CHARS:
+        raise UserError(f"{where} has {len(text):,} characters; at most {MAX_EXPR_CHARS:,} are allowed")
     try:
-        value = walk(ast.parse(str(expr), mode="eval"))
-    except SyntaxError:
-        raise UserError(f"derived value {expr!r} is not an arithmetic expression") from None
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise UserError(f"{where} is not an arithmetic expression") from None
+    _check_size(tree, where)
+    try:
+        value = _walk(tree.body, variables, where)
+    except ZeroDivisionError:
+        raise UserError(f"{where} divides by zero") from None
+    except OverflowError:
+        raise UserError(f"{where}: {_OUT_OF_RANGE}") from None
+    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
+        raise UserError(f"{where} cannot be computed: {exc}") from None
     return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _check_size(tree: ast.AST, where: str) -> None:
+    """At most MAX_EXPR_NODES nodes and MAX_EXPR_DEPTH levels, counted without recursion."""
+    stack, seen = [(tree, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_EXPR_NODES or depth > MAX_EXPR_DEPTH:
+            raise UserError(f"{where} is too complex (at most {MAX_EXPR_NODES} terms, {MAX_EXPR_DEPTH} levels); split it into several derived values")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+def _walk(node: ast.AST, variables: dict[str, Any], where: str) -> Any:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return _bounded(node.value, where)
+    if isinstance(node, ast.Name):  # a bare name may stand for any axis value, text included
+        if node.id not in variables:
+            raise UserError(f"{where}: unknown name {node.id!r}; known: {', '.join(sorted(variables))}")
+        return variables[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _number(_walk(node.left, variables, where), where), _number(_walk(node.right, variables, where), where)
+        if isinstance(node.op, ast.Pow):
+            _check_power(left, right, where)
+        return _bounded(_BINARY[type(node.op)](left, right), where)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _bounded(_UNARY[type(node.op)](_number(_walk(node.operand, variables, where), where)), where)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords:
+        name = node.func.id
+        function, fewest, most = _FUNCTIONS[name]
+        if not fewest <= len(node.args) <= most:
+            wanted = (f"{fewest} argument" + "s" * (fewest > 1) if fewest == most
+                      else f"{fewest} or more arguments" if most == MAX_EXPR_NODES else f"{fewest} to {most} arguments")  # fmt: skip
+            raise UserError(f"{where}: {name}() takes {wanted}, got {len(node.args)}")
+        args = [_number(_walk(a, variables, where), where) for a in node.args]
+        if name == "round" and len(args) == 2 and not (isinstance(args[1], int) and abs(args[1]) <= MAX_ROUND_DIGITS):
+            raise UserError(f"{where}: round()'s digits must be a whole number from -{MAX_ROUND_DIGITS} to {MAX_ROUND_DIGITS}")
+        return _bounded(function(*args), where)
+    raise UserError(f"{where}: only arithmetic, names and {', '.join(_FUNCTIONS)} are allowed")
+
+
+def _number(value: Any, where: str) -> int | float:
+    if not isinstance(value, (int, float)):
+        raise UserError(f"{where}: {_brief(value, 40)} is not a number")
+    return _bounded(value, where)
+
+
+def _bounded(value: Any, where: str) -> Any:
+    if not isinstance(value, (int, float)):  # e.g. (-8) ** 0.5 is complex
+        raise UserError(f"{where}: a result is not a real number")
+    if abs(value) > MAX_DERIVED or (isinstance(value, float) and not math.isfinite(value)):
+        raise UserError(f"{where}: {_OUT_OF_RANGE}")
+    return value
+
+
+def _check_power(base: int | float, exponent: int | float, where: str) -> None:
+    """Refuse an integer power of at least 2**64 from the operands' bit lengths, before computing it."""
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and (abs(base).bit_length() - 1) * exponent > 63:
+        raise UserError(f"{where}: {_OUT_OF_RANGE}")
 
 
 def spec_digest(path: str | Path) -> str:

@@ -8,6 +8,7 @@ made. `run_task` adds the run, checkpoint and wall time; `save_result` writes RU
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from functools import partial
@@ -25,6 +26,7 @@ from smallscale.eval.tasks.minimal_pairs import run_blimp
 from smallscale.eval.tasks.multiple_choice import run_arc_easy, run_hellaswag, run_piqa, run_winogrande
 from smallscale.eval.tasks.perplexity import TEXT_TASKS, run_heldout, run_length_extrapolation, run_text_task
 from smallscale.io import atomic_write_json
+from smallscale.paths import check_name
 
 # (model, tokenizer, data_root=None, limit=None, batch_size=..., device=None, **task options) -> dict
 TaskFn = Callable[..., dict]
@@ -120,8 +122,14 @@ def run_task(
 
 
 def result_path(run_dir: str | Path, name: str) -> Path:
-    """RUN_DIR/eval/<task>.json; a generic task is stored as generic-<spec stem>.json."""
-    stem = f"generic-{Path(name[len(GENERIC_PREFIX) :]).stem}" if name.startswith(GENERIC_PREFIX) else name
+    """RUN_DIR/eval/<task>.json; a generic task is stored as generic-<spec stem>.json (with any run
+    of characters other than letters, digits, '.', '_' and '-' as one '-'). Names come from study
+    files, which anyone may write: one that is not a plain file name (`../../x`) is a UserError, so
+    a result never lands outside RUN_DIR/eval."""
+    if name.startswith(GENERIC_PREFIX):
+        stem = "generic-" + re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name[len(GENERIC_PREFIX) :]).stem)[:80]
+    else:
+        stem = check_name(name, "eval result name")
     return Path(run_dir) / "eval" / f"{stem}.json"
 
 
