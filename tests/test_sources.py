@@ -235,6 +235,15 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     assert stats.replaced_chars == 4  # the U+FFFD present in the input is not a replacement
 
 
+def test_a_json_escaped_lone_surrogate_is_replaced_and_counted_like_invalid_utf8(tmp_path):
+    path = tmp_path / "escapes.jsonl"
+    path.write_text('{"text": "lone \\ud800 here"}\n{"text": "pair \\ud83d\\ude00 ok"}\n', encoding="utf-8")
+    stats = ReadStats()
+    found = list(iter_documents(str(path), SourceOptions(), stats))
+    assert found == ["lone \ufffd here", "pair \U0001f600 ok"]
+    assert stats.replaced_chars == 1
+
+
 # --- Hugging Face datasets (local only: the Hub is not reachable from tests) --------------------
 
 

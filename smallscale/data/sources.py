@@ -16,7 +16,13 @@ reading work (a file, a byte range of a large file, a Parquet row group, a shard
 so that `shards.py` reads a 100 GB corpus in parallel processes without holding it in memory.
 Reading the parts in order gives exactly the documents of `iter_documents`, in a fixed order.
 
-Invalid UTF-8 is replaced by U+FFFD and counted in `ReadStats`, never fatal. Nothing here raises
+A NUL byte never occurs in text. A file with one in its first 8 KiB (after decompression) looks
+binary, as git decides: named alone it is a `UserError`, in a folder or glob it is skipped. A NUL
+further in is found while reading, when the file's first documents may already be read, so it is a
+`UserError` naming the file and the byte offset, wherever the file was named.
+
+Invalid UTF-8 is replaced by U+FFFD and counted in `ReadStats`, never fatal; so is a lone surrogate
+that a JSON string spells as an escape (`"\\ud800"`), which no UTF-8 text can hold. Nothing here raises
 for a source without documents (one part alone may well be empty): the caller counts documents and
 calls `check_nonempty`.
 """
@@ -208,11 +214,22 @@ def _inner_suffix(path: Path) -> str:
 
 
 def _looks_binary(path: Path) -> bool:
-    """Binary (not readable as text) if the file has a NUL byte near its start, as git decides."""
-    if _compression(path) or _inner_suffix(path) == ".parquet":
+    """Binary (not readable as text) if the (decompressed) file has a NUL byte near its start, as git decides."""
+    if _inner_suffix(path) == ".parquet":
         return False
-    with open(path, "rb") as f:
+    with _decompression_errors(path), _open_binary(path) as f:
         return b"\0" in f.read(_SNIFF_BYTES)
+
+
+def _check_no_nul(data: bytes, path: str, offset: int) -> None:
+    """Raise if `data`, which starts at byte `offset` of the (decompressed) file, holds a NUL byte."""
+    at = data.find(b"\0")
+    if at >= 0:
+        where = "of its decompressed content " if _compression(path) else ""
+        raise UserError(
+            f"{path} has a NUL byte at byte offset {offset + at:,} {where}so it is binary or corrupted, not "
+            "text; remove it from the source or delete its NUL bytes"
+        )
 
 
 def _file_parts(path: Path, split_by: str, opts: SourceOptions) -> list[Part]:
@@ -383,6 +400,7 @@ def _raw_lines(part: Part) -> Iterator[tuple[int, bytes]]:
         for line in f:
             if part.byte_end is not None and offset >= part.byte_end:
                 break
+            _check_no_nul(line, part.path, offset)
             yield offset, line
             offset += len(line)
 
@@ -410,7 +428,9 @@ def _line_number(path: str, offset: int) -> int:
 def _read_text(part: Part, stats: ReadStats | None) -> Iterator[str]:
     if part.split_by == "file":
         with _open_binary(part.path) as f:
-            text = _decode(f.read(), stats).removeprefix("\ufeff")
+            data = f.read()
+        _check_no_nul(data, part.path, 0)
+        text = _decode(data, stats).removeprefix("\ufeff")
         if text.strip():
             yield text
         return
@@ -510,7 +530,20 @@ def _record_docs(value: Any, part: Part, where: Callable[[], str], stats: ReadSt
             f"{part.text_field!r} of {where()} is a {type(value).__name__}, not text; "
             "set text_field to a field that holds strings"
         )
-    yield from _split_text(value, part.split_by)
+    yield from _split_text(_replace_surrogates(value, stats), part.split_by)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_surrogates(text: str, stats: ReadStats | None) -> str:
+    """Lone surrogates (only JSON escapes make them; json.loads joins valid pairs) -> U+FFFD, counted."""
+    if not _SURROGATE.search(text):
+        return text
+    text, replaced = _SURROGATE.subn("\ufffd", text)
+    if stats is not None:
+        stats.replaced_chars += replaced
+    return text
 
 
 def _record_value(record: Any, part: Part, where: Callable[[], str]) -> Any:
@@ -551,7 +584,9 @@ def _read_jsonl(part: Part, stats: ReadStats | None) -> Iterator[str]:
 
 def _read_json_array(part: Part, stats: ReadStats | None) -> Iterator[str]:
     with _open_binary(part.path) as f:
-        text = _decode(f.read(), stats).removeprefix("\ufeff")
+        data = f.read()
+    _check_no_nul(data, part.path, 0)
+    text = _decode(data, stats).removeprefix("\ufeff")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
