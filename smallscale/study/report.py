@@ -528,16 +528,14 @@ def _length_extrapolation(groups: list[dict[Any, Run]], factors: list[tuple[floa
 def _curve(study_dir: Path, run_id: str) -> dict[str, list[float]] | None:
     """Train loss and val_bpb vs tokens from runs/<id>/metrics.jsonl, one point per token count
     (the last logged wins: an eval record repeats its step, a resumed run re-logs steps)."""
+    from smallscale.eval.runs import read_metrics  # drops a killed run's partial last line
+
     path = study_dir / "runs" / run_id / "metrics.jsonl"
     if "/" in run_id or run_id in (".", "..") or not path.is_file():
         return None
     loss, val = {}, {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a killed run may leave a partial last line
-        if not isinstance(rec, dict) or _num(rec, "tokens") is None:
+    for rec in read_metrics(path):
+        if _num(rec, "tokens") is None:
             continue
         if _num(rec, "loss") is not None:
             loss[rec["tokens"]] = rec["loss"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,18 @@ def _config_columns(config: dict[str, Any], dataset: str, out: Path, manifest: d
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`; None if it is missing, or damaged (with a warning naming it)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        warnings.warn(f"{path} is unreadable ({type(exc).__name__}); its values are left out of the results", stacklevel=2)
+        return None
+    if not isinstance(data, dict):
+        warnings.warn(f"{path} does not hold a JSON object; its values are left out of the results", stacklevel=2)
+        return None
+    return data
 
 
 def columns(rows: list[dict[str, Any]]) -> list[str]:
