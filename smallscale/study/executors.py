@@ -10,6 +10,20 @@ Each run's `status.json` records its state: running (host, pid, stage), done, or
 Rerunning a study skips done runs and resumes the others from their latest checkpoint; evals that
 already have a result file are not run again. One failed run never stops the study.
 
+One writer per folder (`smallscale.lock`): the process that trains a run (its worker, or its SLURM
+job) holds the run directory's lock for the whole train + evals, and only the lock holder writes a
+run's status.json. So `running` means "a live process holds the lock" (read from the lock, on any
+host that shares the filesystem's locks), and a `running` record whose lock is free reads
+`interrupted`. Two `study run` processes on one study directory (a second terminal, a rerun while
+the first still runs, a requeued SLURM job racing a manual rerun) share the work instead of
+refusing or repeating it: each skips the runs another process owns, trains the rest, then waits
+until the runs owned by others have ended (running again any whose owner died before finishing), so
+both end with the same complete study. Sharing is the choice over "exit at once naming the owner"
+because the run lock has to exist anyway (requeued SLURM jobs), and with it a second process costs
+nothing and finishes early work: two people, or a driver per node, can run one study together.
+The study directory's own lock is held only while planning (datasets, manifest.json) and while
+writing results and the report; a second `study run` waits for those, which are short.
+
 Executors:
   local   one run at a time, each in its own process (a crash or OOM fails only that run);
   pool    `workers` runs at once; on a machine with GPUs one run per GPU (CUDA_VISIBLE_DEVICES);
@@ -30,12 +44,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from smallscale import lock as folder_lock
 from smallscale.errors import UserError
 from smallscale.io import atomic_write_json, atomic_write_text
 from smallscale.study.grid import RunSpec, StudySpec, dataset_dir, expand, load_study
 
 MANIFEST = "manifest.json"
 STATES = ("done", "running", "interrupted", "failed", "pending")
+BUSY_EXIT = 3  # a worker's exit status when another process owns its run (not a failure of the run)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -81,26 +97,20 @@ def run_dir(study_dir: str | Path, run_id: str) -> Path:
 
 
 def read_status(study_dir: str | Path, run_id: str) -> dict[str, Any]:
-    """{"state": one of STATES, ...}; a 'running' run whose process is gone reads 'interrupted'."""
-    path = run_dir(study_dir, run_id) / "status.json"
+    """{"state": one of STATES, ...}. A 'running' run names its `owner` (pid, host, since) and how
+    that is known (`owner_liveness`); a 'running' record whose run lock is free reads 'interrupted'."""
+    out = run_dir(study_dir, run_id)
+    path = out / "status.json"
     if not path.exists():
         return {"state": "pending"}
     status = json.loads(path.read_text(encoding="utf-8"))
-    if status["state"] == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
-        status = {**status, "state": "interrupted", "error": f"process {status.get('pid')} ended during {status.get('stage')}"}
-    return status
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    if status["state"] != "running":
+        return status
+    holder = folder_lock.owner(out)
+    if holder is None:
+        where = f"process {status.get('pid')} on host {status.get('host')}"
+        return {**status, "state": "interrupted", "error": f"{where} ended during {status.get('stage')}"}
+    return {**status, "owner": holder.describe(), "owner_liveness": holder.liveness}
 
 
 def _write_status(path: Path, **fields: Any) -> dict[str, Any]:
@@ -112,18 +122,25 @@ def _write_status(path: Path, **fields: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- one run
 def run_one(study_dir: str | Path, run_id: str, progress: bool = False) -> dict[str, Any]:
-    """Train (or resume) one run of the study and run its evals; never raises for a run's failure."""
+    """Train (or resume) one run of the study and run its evals, holding the run directory's lock
+    throughout; never raises for a run's failure. FolderBusy (before anything is written) when
+    another process owns the run."""
+    spec = next((r for r in load_runs(study_dir) if r.id == run_id), None)
+    if spec is None:
+        raise UserError(f"run {run_id!r} is not in {str(Path(study_dir) / MANIFEST)!r}")
+    out = run_dir(study_dir, run_id)
+    with folder_lock.hold(out, "study worker"):
+        return _run_owned(spec, out, progress)
+
+
+def _run_owned(spec: RunSpec, out: Path, progress: bool) -> dict[str, Any]:
     from smallscale.config import validate
     from smallscale.eval.runs import load_run
     from smallscale.eval.tasks.registry import result_path, run_task
     from smallscale.train import checkpoint
     from smallscale.train.trainer import RunConfig, train
 
-    spec = next((r for r in load_runs(study_dir) if r.id == run_id), None)
-    if spec is None:
-        raise UserError(f"run {run_id!r} is not in {str(Path(study_dir) / MANIFEST)!r}")
-    out = run_dir(study_dir, run_id)
-    out.mkdir(parents=True, exist_ok=True)
+    run_id = spec.id
     status_path = out / "status.json"
     previous = json.loads(status_path.read_text(encoding="utf-8")) if status_path.exists() else {}
     if previous.get("state") == "done":
@@ -173,19 +190,41 @@ def execute(
     retry_failed: bool = True,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Run what is not done yet; returns the count of runs per state afterwards."""
-    pending = todo(study_dir, runs, retry_failed)
-    if kind in ("local", "pool"):
-        n = 1 if kind == "local" else (workers or _gpu_count() or 1)
-        _run_processes(Path(study_dir), pending, n, gpus=_gpu_count() if kind == "pool" else 0, progress=progress,
-                       total=len(runs))  # fmt: skip
-    elif kind in ("slurm", "submitit-local"):
-        from smallscale.study.slurm import submit_and_wait
-
-        submit_and_wait(Path(study_dir), [r.id for r in pending], slurm or {}, cluster="local" if kind == "submitit-local" else None)
-    else:
+    """Run what is not done yet, skipping the runs other processes own, then wait for those (and run
+    any whose owner died before finishing); returns the count of runs per state afterwards."""
+    if kind not in ("local", "pool", "slurm", "submitit-local"):
         raise UserError(f"executor {kind!r} is unknown; choose local, pool, slurm or submitit-local")
-    return counts(study_dir, runs)
+    study_dir = Path(study_dir)
+    pending = todo(study_dir, runs, retry_failed)
+    while True:
+        if pending and kind in ("local", "pool"):
+            n = 1 if kind == "local" else (workers or _gpu_count() or 1)
+            _run_processes(study_dir, pending, n, gpus=_gpu_count() if kind == "pool" else 0, progress=progress,
+                           total=len(runs))  # fmt: skip
+        elif pending:
+            from smallscale.study.slurm import submit_and_wait
+
+            submit_and_wait(study_dir, [r.id for r in pending], slurm or {}, cluster="local" if kind == "submitit-local" else None)
+        waited = _wait_for_other_owners(study_dir, runs)
+        pending = [r for r in runs if r.id in waited and read_status(study_dir, r.id)["state"] in ("interrupted", "pending")]
+        if not pending:
+            return counts(study_dir, runs)
+
+
+def _wait_for_other_owners(study_dir: Path, runs: list[RunSpec]) -> set[str]:
+    """Block while other processes own runs of this study; returns the ids of the runs waited for."""
+    waited: set[str] = set()
+    told: set[tuple[str, int]] = set()
+    while True:
+        owners = {r.id: o for r in runs if (o := folder_lock.owner(run_dir(study_dir, r.id))) is not None}
+        if not owners:
+            return waited
+        waited |= set(owners)
+        if {(o.host, o.pid) for o in owners.values()} - told:
+            who = "; ".join(sorted({o.describe() for o in owners.values()}))
+            print(f"waiting for {len(owners)} run(s) that other processes are training: {who}", file=sys.stderr, flush=True)
+            told |= {(o.host, o.pid) for o in owners.values()}
+        time.sleep(folder_lock.WAIT_POLL_S)
 
 
 def counts(study_dir: str | Path, runs: list[RunSpec]) -> dict[str, int]:
@@ -217,16 +256,17 @@ def _die_with_parent() -> None:
 
 
 def _run_processes(study_dir: Path, runs: list[RunSpec], n: int, gpus: int, progress: bool, total: int) -> None:
-    """Keep up to `n` worker processes busy; each writes its own log.txt and status.json."""
+    """Keep up to `n` worker processes busy; each writes its own log.txt and status.json. A run that
+    is done, or owned by another process, by the time its turn comes is passed over."""
     queue = list(runs)
     active: dict[int, tuple[subprocess.Popen, RunSpec, Any]] = {}  # slot -> (process, run, log file)
     bar, advance = _progress(progress, total, total - len(runs))
     try:
         while queue or active:
             for slot in [s for s in range(n) if s not in active]:
-                if not queue:
+                spec = _next_startable(study_dir, queue, advance)
+                if spec is None:
                     break
-                spec = queue.pop(0)
                 out = run_dir(study_dir, spec.id)
                 out.mkdir(parents=True, exist_ok=True)
                 log = open(out / "log.txt", "a", encoding="utf-8")  # noqa: SIM115 (closed when the process ends)
@@ -243,11 +283,12 @@ def _run_processes(study_dir: Path, runs: list[RunSpec], n: int, gpus: int, prog
                     continue
                 log.close()
                 del active[slot]
-                status = read_status(study_dir, spec.id)
-                if status["state"] not in ("done", "failed"):  # killed from outside (OOM killer, signal)
+                if proc.returncode == BUSY_EXIT:  # another process took the run first; waited for later
+                    advance(f"{spec.id}: owned by another process", done=1)
+                    continue
+                if read_status(study_dir, spec.id)["state"] not in ("done", "failed"):  # killed from outside (OOM killer, signal)
                     tail = _tail(run_dir(study_dir, spec.id) / "log.txt")
-                    _write_status(run_dir(study_dir, spec.id) / "status.json", state="failed",
-                                  error=f"worker exited with code {proc.returncode}: {tail}", finished=time.time())  # fmt: skip
+                    record_failure(run_dir(study_dir, spec.id), f"worker exited with code {proc.returncode}: {tail}")
                 advance(f"{spec.id}: {read_status(study_dir, spec.id)['state']}", done=1)
     finally:
         for proc, _, log in active.values():
@@ -255,6 +296,32 @@ def _run_processes(study_dir: Path, runs: list[RunSpec], n: int, gpus: int, prog
             log.close()
         if bar is not None:
             bar.stop()
+
+
+def _next_startable(study_dir: Path, queue: list[RunSpec], advance: Callable[..., None]) -> RunSpec | None:
+    """Pop runs off `queue` until one that is not done and that no other process owns."""
+    while queue:
+        spec = queue.pop(0)
+        if read_status(study_dir, spec.id)["state"] == "done":
+            advance(f"{spec.id}: done by another process", done=1)
+        elif (holder := folder_lock.owner(run_dir(study_dir, spec.id))) is not None:
+            advance(f"{spec.id}: owned by {holder.describe()}", done=1)
+        else:
+            return spec
+    return None
+
+
+def record_failure(out: Path, error: str) -> None:
+    """Record a run as failed whose process died outside `run_one`, unless it has ended or another
+    process owns it by now (only a run's lock holder writes its status.json)."""
+    try:
+        with folder_lock.hold(out, "recording a worker's exit"):
+            path = out / "status.json"
+            state = json.loads(path.read_text(encoding="utf-8"))["state"] if path.exists() else None
+            if state not in ("done", "failed"):
+                _write_status(path, state="failed", error=error, finished=time.time())
+    except folder_lock.FolderBusy:
+        pass
 
 
 def _tail(path: Path, n: int = 300) -> str:
@@ -280,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_cpu_allocator_env()
     study_dir, run_id = (argv or sys.argv[1:])[:2]
-    status = run_one(study_dir, run_id)
+    try:
+        status = run_one(study_dir, run_id)
+    except folder_lock.FolderBusy as busy:
+        print(f"run {run_id} skipped: {busy}", file=sys.stderr)
+        return BUSY_EXIT
     if status["state"] == "failed":
         print(f"run {run_id} failed: {status['error']}", file=sys.stderr)
     return 0 if status["state"] == "done" else 1
