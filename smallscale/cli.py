@@ -48,12 +48,17 @@ def data_prepare(
     nfc: Annotated[bool, typer.Option(help="Unicode NFC normalisation")] = True,
     dedup: Annotated[bool, typer.Option(help="remove exact duplicate documents")] = True,
     val_fraction: Annotated[float, typer.Option(help="fraction of documents held out")] = 0.05,
+    val_source: Annotated[Optional[str], typer.Option(help="a source whose documents are the val split instead (e.g. a dev set)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the split and of the document order")] = 1234,
     shard_tokens: Annotated[int, typer.Option(help="max tokens per shard file")] = 100_000_000,
     tokenizer_train_bytes: Annotated[int, typer.Option(help="bytes of text to train the tokenizer on")] = 200_000_000,
     workers: Annotated[Optional[int], typer.Option(help="worker processes (default: all cores)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="rebuild OUT from scratch even if it holds a dataset")] = False,
 ) -> None:
-    """Read documents, train/load a tokenizer, write token shards and manifest.json."""
+    """Read documents, train/load a tokenizer, write token shards and manifest.json.
+
+    A complete dataset in OUT made with the same settings is reused; with other settings it is
+    refused unless --force is given."""
     from smallscale.config import validate
     from smallscale.data.shards import PrepareConfig, prepare
 
@@ -62,7 +67,7 @@ def data_prepare(
     if workers is None:
         fields.pop("workers")
     cfg = validate(PrepareConfig, fields, source="data prepare")
-    manifest = prepare(cfg)
+    manifest = prepare(cfg, force=force)
     _print_manifest_summary(manifest, out)
 
 
@@ -87,6 +92,26 @@ def data_info(dataset: Annotated[Path, typer.Argument(help="a prepared dataset f
     from smallscale.data.shards import load_manifest
 
     _print_manifest_summary(load_manifest(dataset), dataset)
+
+
+@data_app.command("verify")
+def data_verify(dataset: Annotated[Path, typer.Argument(help="a prepared dataset folder")]) -> None:
+    """Check every shard (size, sha256, token ids < vocab size) and the tokenizer against the manifest.
+
+    Prints one OK line, or one line per problem and exits with status 1."""
+    from smallscale.data.shards import load_manifest, verify_dataset
+
+    problems = verify_dataset(dataset)
+    for file, what in problems:
+        typer.echo(f"{dataset / file}: {what}")
+    if problems:
+        raise typer.Exit(1)
+    manifest = load_manifest(dataset)
+    splits = manifest["splits"].values()
+    typer.echo(
+        f"OK {dataset}: {sum(len(s['shards']) for s in splits)} shards, {sum(s['tokens'] for s in splits):,} tokens "
+        f"match the manifest (sizes, sha256, token ids < {manifest['vocab_size']:,}); tokenizer.json matches"
+    )
 
 
 @data_app.command("builtins")
@@ -116,7 +141,7 @@ def model_list(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(caption="FLOPs/token = 6N + 12·n_layer·d_model·seq_len (N includes the tied embedding)")
+    table = Table(caption="FLOPs/token = 6N + 12·n_layer·d_model·seq_len (N: matmul parameters, the tied embedding once)")
     for col in rows[0]:
         table.add_column(col, justify="right")
     for row in rows:
@@ -279,20 +304,29 @@ def study_run(
     """Prepare the datasets, run every run not done yet (train + evals), write results and report.
 
     Idempotent: rerun it after an interruption and finished runs are skipped, the others resume.
+    Two at once on one study share it: each trains the runs the other does not own, then waits for
+    the other's (see smallscale/study/executors.py).
     """
     import time
 
+    from smallscale.lock import Owner, hold
     from smallscale.study.executors import execute, plan
     from smallscale.study.grid import load_study
 
     started = time.perf_counter()
     spec = load_study(study)
     study_dir = out or Path("studies") / spec.name
-    spec, runs = plan(study, study_dir, progress=progress, spec=spec)
+
+    def waiting(owner: Owner) -> None:
+        console.print(f"waiting for {owner.describe()} ({owner.purpose}) to finish with {study_dir}")
+
+    with hold(study_dir, "study run: planning", wait=True, on_wait=waiting):
+        spec, runs = plan(study, study_dir, progress=progress, spec=spec)
     console.print(f"study {spec.name}: {len(runs)} runs in {study_dir}")
     counts = execute(study_dir, runs, kind=executor or spec.executor.kind, workers=workers or spec.executor.workers,
                      slurm=spec.executor.slurm, retry_failed=retry_failed, progress=progress)  # fmt: skip
-    _finish_study(study_dir, report)
+    with hold(study_dir, "study run: results and report", wait=True, on_wait=waiting):
+        _finish_study(study_dir, report)
     stdout.print(", ".join(f"{n} {state}" for state, n in counts.items() if n) + f"  ({time.perf_counter() - started:.0f} s)")
     if counts["failed"] or counts["interrupted"]:
         console.print(f"some runs did not finish; see `smallscale study status {study_dir}`")
@@ -346,19 +380,25 @@ def study_plan(
 
 @study_app.command("status")
 def study_status(study_dir: Annotated[Path, typer.Argument(help="a study directory")]) -> None:
-    """Each run's state (done / running / interrupted / failed / pending), with the reason."""
+    """Each run's state (done / running / interrupted / failed / pending), with the reason; for a
+    running run, the process that owns it (pid, host, since) and how its liveness is known."""
+    from smallscale.lock import owner
     from smallscale.study.executors import load_runs, read_status
 
-    table = Table("run", "state", "stage / error", "val_bpb", "attempts")
+    table = Table("run", "state", "stage / error", "val_bpb", "attempts", "owner")
     totals: dict[str, int] = {}
     for spec in load_runs(study_dir):
         st = read_status(study_dir, spec.id)
         totals[st["state"]] = totals.get(st["state"], 0) + 1
         detail = st.get("error") or (st.get("stage") or "" if st["state"] == "running" else "")
         bpb = f"{st['val_bpb']:.4f}" if isinstance(st.get("val_bpb"), float) else "-"
-        table.add_row(spec.id, st["state"], detail or "", bpb, str(st.get("attempts", 0)))
+        who = f"{st['owner']} ({st['owner_liveness']})" if st["state"] == "running" else ""
+        table.add_row(spec.id, st["state"], detail or "", bpb, str(st.get("attempts", 0)), who)
     stdout.print(table)
     stdout.print(", ".join(f"{n} {state}" for state, n in totals.items()))
+    holder = owner(study_dir)
+    if holder is not None:
+        stdout.print(f"study directory in use: {holder.purpose} by {holder.describe()} ({holder.liveness})")
 
 
 @study_app.command("results")

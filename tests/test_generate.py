@@ -125,5 +125,14 @@ def test_generate_text_batches_equal_lengths_like_one_by_one():
     assert len(together) == 4 and all(isinstance(t, str) for t in together)
     sampled = generate_text(model, tok, texts, max_new_tokens=12, seed=3)
     assert sampled == generate_text(model, tok, texts, max_new_tokens=12, seed=3)
-    with pytest.raises(UserError, match="encodes to no tokens"):
-        generate_text(model, tok, [""], max_new_tokens=4)
+
+
+def test_generate_text_prompts_start_after_an_eos_like_every_training_document():
+    tok = train_tokenizer(synthetic_docs(100), "bpe", 300)
+    model = tiny_model(vocab_size=tok.get_vocab_size(), seq_len=48)
+    eos = tok.token_to_id("<|eos|>")
+    ids = tok.encode("The cat sat", add_special_tokens=False).ids
+    expected = generate(model, torch.tensor([[eos, *ids]]), 10, temperature=0, eos_id=eos)[0, 1 + len(ids) :].tolist()
+    got = generate_text(model, tok, ["The cat sat"], max_new_tokens=10, temperature=0)[0]
+    assert got == tok.decode([t for t in expected if t != eos][: expected.index(eos) if eos in expected else None])
+    assert isinstance(generate_text(model, tok, [""], max_new_tokens=4, temperature=0)[0], str)  # a new document

@@ -6,17 +6,30 @@ import numpy as np
 import pytest
 import torch
 
-from smallscale.data.loader import TokenArray, TrainLoader, val_batches
+from smallscale.data.loader import TokenArray, TrainLoader
 from smallscale.data.shards import load_manifest, read_split
 from smallscale.errors import UserError
 
 
 def test_budgets_are_nested_prefixes(tiny_dataset):
     k = 5000
-    small = TrainLoader(tiny_dataset, seq_len=16, micro_batch=2, token_budget=k).tokens
-    large = TrainLoader(tiny_dataset, seq_len=16, micro_batch=2, token_budget=2 * k).tokens
-    assert len(small) == k and len(large) == 2 * k
-    assert np.array_equal(large.read(0, k), small.read(0, k))
+    small = TrainLoader(tiny_dataset, seq_len=16, micro_batch=2, token_budget=k)
+    large = TrainLoader(tiny_dataset, seq_len=16, micro_batch=2, token_budget=2 * k)
+    assert small.budget_tokens == k and large.budget_tokens == 2 * k
+    assert np.array_equal(large.tokens.read(0, k + 1), small.tokens.read(0, k + 1))
+
+
+def test_every_budget_token_is_a_target_once_per_epoch_after_a_leading_eos(tiny_dataset):
+    manifest = load_manifest(tiny_dataset)
+    loader = TrainLoader(tiny_dataset, seq_len=16, micro_batch=4, token_budget=16 * 40)  # 40 windows
+    assert loader.n_windows == 40
+    inputs, targets = zip(*(loader.next_batch() for _ in range(10)))  # one epoch: 10 x 4 windows
+    assert loader.epochs == 1.0
+    first = np.concatenate([np.asarray(a, dtype=np.int64) for a in read_split(tiny_dataset, "train")])[: 16 * 40]
+    scored = torch.cat([t.flatten() for t in targets]).sort().values
+    assert torch.equal(scored, torch.from_numpy(np.sort(first)))
+    windows_with_eos_first = [x for batch in inputs for x in batch if x[0] == manifest["eos_id"]]
+    assert any(torch.equal(x[1:], torch.from_numpy(first[:15])) for x in windows_with_eos_first)
 
 
 def test_token_array_reads_across_shard_boundaries():
@@ -76,19 +89,3 @@ def test_epochs_are_reported_when_data_repeats(tiny_dataset):
 def test_budget_larger_than_data_is_a_user_error(tiny_dataset):
     with pytest.raises(UserError, match="token_budget"):
         TrainLoader(tiny_dataset, seq_len=32, micro_batch=4, token_budget=10**12)
-
-
-@pytest.mark.parametrize("world_size", [1, 3])
-def test_val_batches_cover_every_token_once(tiny_dataset, world_size):
-    manifest = load_manifest(tiny_dataset)
-    stream = np.concatenate([np.asarray(a, dtype=np.int64) for a in read_split(tiny_dataset, "val")])
-    targets = []
-    for rank in range(world_size):
-        for _, y in val_batches(tiny_dataset, seq_len=50, batch_size=3, rank=rank, world_size=world_size):
-            targets.append(y[y != -100])
-    flat = torch.cat(targets)
-    assert len(flat) == manifest["splits"]["val"]["tokens"] == len(stream)
-    if world_size == 1:
-        assert np.array_equal(flat.numpy(), stream)
-    else:
-        assert sorted(flat.tolist()) == sorted(stream.tolist())

@@ -116,7 +116,7 @@ def test_num_params_matches_hand_count_untied_gpt2_style():
     total = V * C + T * C + 2 * per_layer + 2 * C + V * C  # tok_emb, pos_emb, blocks, norm_f, lm_head
     assert model.num_params() == total == 114_560
     assert model.num_params(non_embedding=True) == 2 * per_layer + 2 * C
-    assert model.flops_per_token() == 6 * (total - T * C) + 12 * 2 * C * T
+    assert model.flops_per_token() == 6 * (total - T * C - V * C) + 12 * 2 * C * T  # lookups are not matmuls
 
 
 def test_num_params_counts_the_tied_embedding_once():
@@ -208,6 +208,8 @@ def test_ffn_dim_defaults():
         ({"d_model": 12, "n_head": 4, "position": "rope"}, "rope"),
         ({"d_model": 9, "n_head": 1, "position": "sinusoidal"}, "sinusoidal"),
         ({"n_layer": 0}, "n_layer"),
+        ({"n_layer": 10**6}, "n_layer"),  # a typo must not hang a study plan building it on meta
+        ({"d_model": 2**20, "n_head": 1}, "d_model"),
         ({"vocab_size": 97.0}, "vocab_size"),
         ({"d_ff": 0}, "d_ff"),
         ({"dropout": 1.0}, "dropout"),

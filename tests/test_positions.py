@@ -78,6 +78,19 @@ def test_sinusoidal_table_equals_vaswani_formula():
             expected[pos, 2 * i] = math.sin(pos / 10000 ** (2 * i / dim))
             expected[pos, 2 * i + 1] = math.cos(pos / 10000 ** (2 * i / dim))
     torch.testing.assert_close(table.double(), expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(sinusoidal_table(n_pos, dim, rms=0.02), table * 0.02 * math.sqrt(2))
+
+
+@pytest.mark.parametrize("d_model, init_std", [(48, 0.02), (112, 0.02), (64, 0.05)])
+def test_sinusoidal_positions_are_as_strong_as_the_token_embedding_at_init(d_model, init_std):
+    from smallscale.model.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=512, seq_len=256, n_layer=1, n_head=4, d_model=d_model, position="sinusoidal", init_std=init_std)
+    model = GPT(cfg)
+    position_rms = model.positions.embed(0, 256).pow(2).mean().sqrt().item()
+    token_rms = model.tok_emb.weight.pow(2).mean().sqrt().item()
+    assert position_rms == pytest.approx(init_std, rel=0.02)
+    assert position_rms / token_rms == pytest.approx(1.0, abs=0.1)  # unscaled: 0.71 / 0.02 = 35x
 
 
 @pytest.mark.parametrize(

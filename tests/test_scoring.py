@@ -70,12 +70,13 @@ def test_truncation_keeps_the_continuation_and_the_last_context_tokens(model, to
     ctx, cont = encode_request(tok, context, continuation)
     assert len(ctx) + len(cont) > SEQ_LEN + 1  # the case really truncates
     kept = (ctx + cont)[-(SEQ_LEN + 1) :]
-    assert kept[-len(cont) :] == cont
-    # the same text without the dropped context tokens scores the same
-    shorter = tok.decode(kept[: -len(cont)])
-    assert encode_request(tok, shorter, continuation)[0] == kept[: -len(cont)]
-    full, short = loglikelihood(model, tok, [(context, continuation), (shorter, continuation)])
-    assert full.logprob == pytest.approx(short.logprob, abs=1e-5)
+    assert kept[-len(cont) :] == cont and ctx[0] == tok.token_to_id("<|eos|>")  # the leading EOS is dropped first
+    # the result is that of the kept window, scored directly in one forward
+    (full,) = loglikelihood(model, tok, [(context, continuation)])
+    with torch.no_grad():
+        logprobs = model(torch.tensor([kept[:-1]])).logits[0].double().log_softmax(-1)
+    direct = sum(logprobs[i, kept[i + 1]].item() for i in range(len(kept) - 1 - len(cont), len(kept) - 1))
+    assert full.logprob == pytest.approx(direct, abs=1e-5)
 
 
 @torch.no_grad()
@@ -108,8 +109,8 @@ def test_context_continuation_boundary_follows_lm_eval(model, tok):
     # continuation tokens = whole-string tokens after the context's own tokens
     ctx, cont = encode_request(tok, "The cat sat on the", " mat")
     whole = tok.encode("The cat sat on the mat").ids
-    assert ctx == tok.encode("The cat sat on the").ids
-    assert ctx + cont == whole
+    assert ctx == [2, *tok.encode("The cat sat on the").ids]  # after the EOS every document follows
+    assert ctx[1:] + cont == whole
     a, b = loglikelihood(model, tok, [("The cat sat on the ", "mat"), ("The cat sat on the", " mat")])
     assert a == b
 
@@ -118,8 +119,8 @@ def test_a_token_across_the_boundary_keeps_the_context_tokens(tok):
     # "ca" + "t": the whole string has a token spanning both; context text is never scored
     whole = tok.encode("the cat").ids
     ctx, cont = encode_request(tok, "the ca", "t")
-    assert ctx == tok.encode("the ca").ids
-    assert whole[: len(ctx)] != ctx  # "Ġcat" spans the boundary: the case the fallback handles
+    assert ctx == [2, *tok.encode("the ca").ids]
+    assert whole[: len(ctx) - 1] != ctx[1:]  # "Ġcat" spans the boundary: the case the fallback handles
     assert cont == tok.encode("t").ids
 
 

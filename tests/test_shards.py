@@ -139,3 +139,19 @@ def test_splitting_a_large_file_into_byte_ranges_changes_nothing(tmp_path):
     assert parts["documents_read"] == whole["documents_read"] == 800
     for split in ("train", "val"):
         assert [s["sha256"] for s in parts["splits"][split]["shards"]] == [s["sha256"] for s in whole["splits"][split]["shards"]]
+
+
+def test_a_val_source_is_the_whole_val_split_and_source_the_whole_train_split(tmp_path):
+    from tests.conftest import synthetic_docs
+
+    train_docs, val_docs = synthetic_docs(120, seed=3), synthetic_docs(30, seed=4)
+    val_docs.append(train_docs[0])  # a val document that also occurs in train stays in both
+    (tmp_path / "train.txt").write_text("\n".join(train_docs), encoding="utf-8")
+    (tmp_path / "dev.txt").write_text("\n".join(val_docs), encoding="utf-8")
+    out = tmp_path / "ds"
+    cfg = PrepareConfig(source=str(tmp_path / "train.txt"), val_source=str(tmp_path / "dev.txt"), out=str(out),
+                        split_by="line", vocab_size=300, workers=1)  # fmt: skip
+    manifest = prepare(cfg, progress=False)
+    assert Counter(decode_split(out, "val")) == Counter({nfc(d) for d in val_docs})
+    assert Counter(decode_split(out, "train")) == Counter({nfc(d) for d in train_docs})
+    assert manifest["settings"]["val_source"] == str(tmp_path / "dev.txt")

@@ -1,9 +1,10 @@
 """Deterministic, resumable, rank-aware batches from token shards.
 
-The train stream is the concatenation of the train shards in their fixed order, cut to its first
-`token_budget` tokens: a smaller budget is a prefix of a larger one (nested budgets). The stream is
-cut into `n_windows = (budget - 1) // seq_len` windows of `seq_len + 1` tokens (consecutive windows
-share one token, so every token but the first is a target once per epoch). Sample `g` (counting
+The train stream is one EOS followed by the concatenation of the train shards in their fixed
+order, cut to its first `token_budget` tokens: a smaller budget is a prefix of a larger one (nested
+budgets). The stream is cut into `n_windows = budget // seq_len` windows of `seq_len + 1` tokens
+(consecutive windows share one token, and the leading EOS is only an input, so every budget token is
+a target once per epoch; the last `budget % seq_len` tokens are not used). Sample `g` (counting
 over the whole run, all ranks) is window `perm_e[g % n_windows]` of epoch `e = g // n_windows`,
 where `perm_e` is a permutation seeded by (seed, e). So a batch is a pure function of
 (seed, step): resuming needs only the number of samples consumed, and ranks take disjoint slices of
@@ -20,6 +21,10 @@ import torch
 
 from smallscale.data.shards import load_manifest, read_split
 from smallscale.errors import UserError
+
+
+# Version of the window layout (2: one EOS before the train stream); a checkpoint records it.
+LAYOUT_VERSION = 2
 
 
 class TokenArray:
@@ -74,10 +79,15 @@ class TrainLoader:
                 f"token_budget {token_budget:,} exceeds the {available:,} train tokens in {str(dataset_dir)!r}; "
                 "lower it (repeat data with more training tokens instead) or prepare more data"
             )
-        self.tokens = TokenArray(read_split(dataset_dir, "train"), token_budget)
+        # One EOS before the stream, as if a previous document had just ended: the first document is
+        # predicted from it, as every later one is from its predecessor's EOS, and each of the
+        # `budget` tokens is a target once per epoch (budget // seq_len windows).
+        eos = np.array([manifest["eos_id"]], dtype=np.dtype(manifest["dtype"]))
+        self.tokens = TokenArray([eos, *read_split(dataset_dir, "train")], None if token_budget is None else token_budget + 1)
+        self.budget_tokens = len(self.tokens) - 1
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
-        self.n_windows = (len(self.tokens) - 1) // seq_len
+        self.n_windows = self.budget_tokens // seq_len
         if self.n_windows < micro_batch * world_size:
             raise UserError(
                 f"the train stream ({len(self.tokens):,} tokens) holds only {self.n_windows} windows of "
@@ -89,10 +99,16 @@ class TrainLoader:
 
     # -- state
     def state_dict(self) -> dict[str, int]:
-        return {"samples_consumed": self.samples_consumed, "seed": self.seed, "n_windows": self.n_windows}
+        return {"samples_consumed": self.samples_consumed, "seed": self.seed, "n_windows": self.n_windows,
+                "layout": LAYOUT_VERSION}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["seed"] != self.seed or state["n_windows"] != self.n_windows:
+        if state.get("layout") != LAYOUT_VERSION:
+            raise UserError(
+                "the checkpoint was written by an earlier smallscale whose train windows were laid out differently "
+                "(no leading EOS); resuming would change the data order: start the run again"
+            )
+        if state.get("seed") != self.seed or state.get("n_windows") != self.n_windows or not isinstance(state.get("samples_consumed"), int):
             raise UserError("the checkpoint's data state does not match this dataset/seed/seq_len/budget")
         self.samples_consumed = int(state["samples_consumed"])
 
@@ -126,30 +142,10 @@ class TrainLoader:
             yield self.next_batch()
 
 
-def val_batches(
-    dataset_dir: str | Path, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1, split: str = "val"
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The whole split, in order, as (inputs, targets) with every token a target exactly once.
-
-    An EOS is prepended (as if a previous document had just ended), so the first document token is
-    predicted too and the summed loss covers exactly the split's `tokens`, whose UTF-8 `bytes` are in
-    the manifest: bits per byte = sum NLL / (ln 2 x bytes). The last window is shorter; its missing
-    targets are -100 (ignored). Rank r takes windows r, r + world_size, ...
-    """
+def split_stream(dataset_dir: str | Path, split: str = "val") -> tuple[TokenArray, int]:
+    """(stream, eos_id): the tokens of `split` with one EOS prepended, as if a previous document had
+    just ended, so that every document (its tokens, then its EOS) starts after an EOS.
+    Evaluation windows over it are cut by `smallscale.eval.tasks.perplexity`."""
     manifest = load_manifest(dataset_dir)
-    shards = read_split(dataset_dir, split)
     eos = np.array([manifest["eos_id"]], dtype=np.dtype(manifest["dtype"]))
-    stream = TokenArray([eos, *shards])
-    n_targets = len(stream) - 1
-    n_windows = -(-n_targets // seq_len)
-    mine = list(range(rank, n_windows, world_size))
-    for i in range(0, len(mine), batch_size):
-        inputs = torch.zeros(len(mine[i : i + batch_size]), seq_len, dtype=torch.long)
-        targets = torch.full_like(inputs, -100)
-        for row, w in enumerate(mine[i : i + batch_size]):
-            start = w * seq_len
-            n = min(seq_len, n_targets - start)
-            chunk = torch.from_numpy(stream.read(start, n + 1))
-            inputs[row, :n] = chunk[:-1]
-            targets[row, :n] = chunk[1:]
-        yield inputs, targets
+    return TokenArray([eos, *read_split(dataset_dir, split)]), int(manifest["eos_id"])

@@ -42,6 +42,7 @@ from smallscale.data import sources
 from smallscale.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from smallscale.errors import UserError
 from smallscale.io import atomic_write_bytes, atomic_write_json, sha256_file
+from smallscale.lock import hold
 
 FORMAT_VERSION = 1
 # Per-document index record written by the encode step.
@@ -67,6 +68,10 @@ class PrepareConfig(Strict):
     nfc: bool = True
     dedup: bool = True
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    val_source: str | None = Field(
+        None, description="a source whose documents are the val split (all of them); SOURCE is then all train, "
+        "val_fraction unused, and duplicates are removed within each split",
+    )
     seed: int = 1234
     shard_tokens: int = Field(100_000_000, gt=0, description="max tokens per shard file")
     workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1)), ge=1)
@@ -103,12 +108,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def train_documents(cfg: PrepareConfig, parts: list[sources.Part]) -> Iterator[str]:
-    """Train-split documents in source order, up to `tokenizer_train_bytes` (for tokenizer training)."""
+    """Train-split documents of SOURCE's `parts` in source order, up to `tokenizer_train_bytes` (for
+    tokenizer training)."""
     budget = cfg.tokenizer_train_bytes
+    val_fraction = 0.0 if cfg.val_source else cfg.val_fraction
     for part in parts:
         for raw in sources.read_part(part):
             text = normalize(raw, cfg.nfc)
-            if is_val(doc_hash(text), cfg.seed, cfg.val_fraction):
+            if is_val(doc_hash(text), cfg.seed, val_fraction):
                 continue
             yield text
             budget -= len(text.encode("utf-8"))
@@ -289,6 +296,9 @@ def _settings(cfg: PrepareConfig, parts: list[sources.Part], tokenizer_sha256: s
         del settings["vocab_size"], settings["tokenizer_train_bytes"]  # the file fixes the vocabulary
     settings["source"] = _source_identity(cfg.source)
     settings["source_files"] = _source_files(cfg.source, parts)
+    if cfg.val_source is not None:
+        settings["val_source"] = _source_identity(cfg.val_source)
+        settings["val_source_files"] = _source_files(cfg.val_source, sources.resolve_parts(cfg.val_source, cfg.source_options()))
     return settings
 
 
@@ -389,11 +399,19 @@ def prepare(cfg: PrepareConfig, progress: bool = True, force: bool = False) -> d
     A complete dataset already in `OUT` is returned as it is if it was prepared with the same
     settings, and refused otherwise; `force` deletes it (or an unfinished attempt) first. Unfinished
     work from an earlier attempt with the same settings is resumed, with other settings discarded.
+    Holds OUT's lock throughout (smallscale/lock.py): FolderBusy, before anything in OUT is read or
+    written, while another process prepares it.
     """
+    with hold(Path(cfg.out), "data prepare"):
+        return _prepare_owned(cfg, progress, force)
+
+
+def _prepare_owned(cfg: PrepareConfig, progress: bool, force: bool) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     out = Path(cfg.out)
     parts = sources.resolve_parts(cfg.source, cfg.source_options())
+    val_parts = sources.resolve_parts(cfg.val_source, cfg.source_options()) if cfg.val_source else []
     given_tokenizer = _given_tokenizer(cfg)
     settings = _settings(cfg, parts, hashlib.sha256(given_tokenizer).hexdigest() if given_tokenizer is not None else None)
     if force:
@@ -429,9 +447,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True, force: bool = False) -> d
     # Written after the tokenizer: a fingerprint names the tokenizer its finished parts were encoded with.
     atomic_write_json(fp_path, {"settings": work_settings, "tokenizer_sha256": tokenizer_sha256})
 
+    # A val source's documents all go to val (fraction 1), SOURCE's then all to train (fraction 0).
+    fractions = [0.0 if cfg.val_source else cfg.val_fraction] * len(parts) + [1.0] * len(val_parts)
     jobs = [
-        _EncodeJob(i, p, str(work), str(tok_path), cfg.nfc, cfg.seed, cfg.val_fraction, dtype.str)
-        for i, p in enumerate(parts)
+        _EncodeJob(i, p, str(work), str(tok_path), cfg.nfc, cfg.seed, fraction, dtype.str)
+        for i, (p, fraction) in enumerate(zip([*parts, *val_parts], fractions, strict=True))
     ]
     results: list[_EncodeResult] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -456,10 +476,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True, force: bool = False) -> d
         raise UserError(f"source {cfg.source!r} yielded no documents; the corpus is empty")
 
     keep = np.ones(n_read, dtype=bool)
-    if cfg.dedup:
-        _, first = np.unique(index["hash"], return_index=True)
+    if cfg.dedup:  # first occurrence wins; with a val source, within each split (a hash split keeps copies together)
         keep[:] = False
-        keep[first] = True
+        groups = [np.flatnonzero(index["val"] == v) for v in (0, 1)] if cfg.val_source else [np.arange(n_read)]
+        for rows in groups:
+            _, first = np.unique(index["hash"][rows], return_index=True)
+            keep[rows[first]] = True
     # Fixed-seed document shuffle: this permutation IS the data order every budget is a prefix of.
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(n_read)
@@ -468,6 +490,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True, force: bool = False) -> d
     split_rows = {"train": order[~is_val_doc], "val": order[is_val_doc]}
     if len(split_rows["train"]) == 0:
         raise UserError("every document went to the val split; lower val_fraction or add documents")
+    if cfg.val_source and len(split_rows["val"]) == 0:
+        raise UserError(f"val source {cfg.val_source!r} yielded no documents")
 
     splits = {}
     for name, rows in split_rows.items():

@@ -149,18 +149,18 @@ def generate_text(
 ) -> list[str]:
     """The continuation (new text only, prompt excluded) of each prompt, in the order given.
 
-    Prompts are encoded without special tokens; prompts with the same token length run as one
-    batch (up to batch_size rows), groups in order of first appearance, all drawing from one
-    generator seeded with `seed`: the output is a deterministic function of (prompts, settings,
-    seed, batch_size). With stop_at_eos a continuation ends before the tokenizer's EOS.
+    Each prompt is encoded after an EOS, as every training document starts after one (an empty
+    prompt starts a new document); text that spells a special token stays text. Prompts with the
+    same token length run as one batch (up to batch_size rows), groups in order of first
+    appearance, all drawing from one generator seeded with `seed`: the output is a deterministic
+    function of (prompts, settings, seed, batch_size). With stop_at_eos a continuation ends before
+    the tokenizer's EOS.
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = [enc.ids for enc in tokenizer.encode_batch(list(prompts), add_special_tokens=False)]
-    for text, ids in zip(prompts, encoded, strict=True):
-        if not ids:
-            raise UserError(f"prompt {text!r} encodes to no tokens; give every prompt some text")
-    eos = tokenizer_eos_id(tokenizer) if stop_at_eos else None
+    document_start = tokenizer_eos_id(tokenizer)
+    encoded = [[document_start, *enc.ids] for enc in tokenizer.encode_batch(list(prompts), add_special_tokens=False)]
+    eos = document_start if stop_at_eos else None
     device = model.tok_emb.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -132,7 +132,8 @@ class SmallscaleLM(LM):
         temperature = float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0
         top_k = gen_kwargs.get("top_k") if sample else None
         top_p = gen_kwargs.get("top_p") if sample else None
-        ids = self.tokenizer.encode(context, add_special_tokens=False).ids or [eos_id(self.tokenizer)]
+        # after an EOS, as generate_text and the scoring engine do: every training document follows one
+        ids = [eos_id(self.tokenizer), *self.tokenizer.encode(context, add_special_tokens=False).ids]
         prompt = ids[-(self.max_length - max_new) :]  # left-truncate so prompt + new tokens fit
         settings = (max_new, temperature, None if top_k is None else int(top_k), None if top_p is None else float(top_p))
         return prompt, settings, until

@@ -11,8 +11,9 @@ and how many tokens were scored. Tokenisation follows lm-eval's `TemplateLM` / `
   Where a token of that whole-string encoding spans the boundary (the context ends inside a word
   and BPE merges across it), the context's own tokens are kept and the continuation is encoded on
   its own instead, so the scored tokens never include context text (lm-eval would split the token);
-- an empty context is conditioned on EOS (`<|eos|>`, lm-eval's prefix token): the model scores
-  the continuation as the start of a document, as it saw documents in training;
+- every context starts with EOS (`<|eos|>`), the token every training document follows, so the
+  text is scored as the start of a document (as lm-eval does for models whose tokenizer adds a BOS,
+  e.g. Llama's); an empty context is EOS alone (lm-eval's prefix token);
 - inputs longer than the model's context keep their last `seq_len + 1` tokens (left truncation):
   the continuation is always scored whole, on as much context as fits. A continuation longer than
   `seq_len` tokens cannot be scored and is an error.
@@ -71,9 +72,9 @@ def encode_requests(tokenizer: Tokenizer, requests: Sequence[Request]) -> list[t
         if not context:
             pairs.append((prefix, whole))
         elif whole[: len(ctx)] == ctx and (len(whole) > len(ctx) or not continuation):
-            pairs.append((ctx, whole[len(ctx) :]))
+            pairs.append((prefix + ctx, whole[len(ctx) :]))
         else:  # a merge across the boundary: keep the context's tokens, encode the continuation alone
-            pairs.append((ctx, tokenizer.encode(continuation, add_special_tokens=False).ids))
+            pairs.append((prefix + ctx, tokenizer.encode(continuation, add_special_tokens=False).ids))
     return pairs
 
 

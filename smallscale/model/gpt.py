@@ -27,6 +27,11 @@ Norm = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["gelu", "swiglu"]
 
 
+# Upper bounds on shape fields: building even a meta-device model costs time per layer, so an
+# n_layer of 10**6 from a typo would hang `study plan` instead of failing.
+_LIMITS = {"vocab_size": 2**31 - 1, "seq_len": 2**20, "n_layer": 1024, "n_head": 1024, "d_model": 2**16, "d_ff": 2**20}
+
+
 @dataclass
 class GPTConfig:
     """Shape and architecture of a GPT. The defaults are the recommended architecture:
@@ -55,6 +60,8 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}.")
+            if value > _LIMITS[name]:  # far beyond any model this toolkit trains; a typo, not a plan
+                raise ValueError(f"GPTConfig.{name}={value} is larger than {_LIMITS[name]:,}; check the value.")
         for name, kind in (("position", Position), ("norm", Norm), ("mlp", MLPKind)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(
@@ -73,8 +80,8 @@ class GPTConfig:
         if self.position == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"GPTConfig.position='sinusoidal' needs an even d_model, got {self.d_model}.")
         d_ff = self.d_ff
-        if d_ff is not None and (isinstance(d_ff, bool) or not isinstance(d_ff, int) or d_ff < 1):
-            raise ValueError(f"GPTConfig.d_ff must be a positive integer or None, got {self.d_ff!r}.")
+        if d_ff is not None and (isinstance(d_ff, bool) or not isinstance(d_ff, int) or not 1 <= d_ff <= _LIMITS["d_ff"]):
+            raise ValueError(f"GPTConfig.d_ff must be a positive integer up to {_LIMITS['d_ff']:,} or None, got {self.d_ff!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         for name in ("rope_base", "norm_eps", "init_std"):
@@ -459,10 +466,13 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward) at context seq_len (default cfg.seq_len):
-        6*N + 12*n_layer*d_model*seq_len, where N counts all parameters, the tied embedding once,
-        excluding position tables (a lookup, not a matmul); the second term is attention's QK^T and AV."""
+        6*N + 12*n_layer*d_model*seq_len, where N counts the parameters that take part in a matmul:
+        all of them, the tied embedding once (as the output head), but not the lookups, i.e. position
+        tables and an untied input embedding; the second term is attention's QK^T and AV."""
         seq_len = self.cfg.seq_len if seq_len is None else seq_len
         n = self.num_params()
         if self.positions.pos_emb is not None:
             n -= self.positions.pos_emb.weight.numel()
+        if not self.cfg.tie_embeddings:
+            n -= self.tok_emb.weight.numel()
         return float(6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * seq_len)

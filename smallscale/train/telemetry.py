@@ -161,6 +161,13 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu_model()}"
 
 
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process started (an exec, as the allocator re-exec, keeps the start)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s as a fraction of `peak_flops`."""
     assert peak_flops > 0, peak_flops

@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -33,7 +33,7 @@ from smallscale.config import Strict, dump_config, read_yaml, validate
 from smallscale.data.loader import TrainLoader
 from smallscale.data.shards import load_manifest
 from smallscale.errors import UserError
-from smallscale.eval.tasks.perplexity import batches_per_rank, split_loss
+from smallscale.eval.tasks.perplexity import ScoringSet, score
 from smallscale.io import atomic_write_json, atomic_write_text
 from smallscale.model.gpt import GPT, GPTConfig, GPTOutput
 from smallscale.model.presets import PRESETS, preset_config
@@ -104,6 +104,9 @@ class TrainSection(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     seed: int = 0
     eval_every_tokens: int | None = Field(None, gt=0)
+    eval_at_tokens: list[Annotated[int, Field(gt=0)]] = Field(
+        [], description="also evaluate after the step that reaches each of these token counts (e.g. log-spaced)"
+    )
     eval_batch: int = Field(16, gt=0)
     checkpoint_every_tokens: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -145,8 +148,10 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
+    """bf16 matmuls in hardware: the CPU has AVX512-BF16 or AMX, and torch may use them (not
+    restricted below AVX-512 by ATEN_CPU_CAPABILITY); elsewhere bf16 is emulated, far slower than fp32."""
     flags = provenance.cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
 
 
 def resolve_precision(choice: Precision, device: torch.device) -> str:
@@ -191,7 +196,9 @@ def plan_batches(cfg: RunConfig, seq_len: int, world_size: int) -> tuple[int, in
             f"= {per_micro}; use e.g. {per_micro * max(1, round(t.global_batch_tokens / per_micro))}"
         )
     accum = t.global_batch_tokens // per_micro
-    total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.tokens / t.global_batch_tokens))
+    # Whole steps not exceeding train.tokens (at least one), so that train.tokens = data.token_budget
+    # never trains a window twice.
+    total_steps = t.steps if t.steps is not None else max(1, t.tokens // t.global_batch_tokens)
     return accum, total_steps
 
 
@@ -205,14 +212,25 @@ class NonFiniteError(UserError):
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run described by `cfg`; returns the summary."""
+    """Train (or resume) the run described by `cfg`; returns the summary. Holds the run directory's
+    lock throughout (smallscale/lock.py): FolderBusy, before anything is written, if another
+    process trains or resumes it."""
+    import os
+
+    from smallscale.lock import hold
+
     out = Path(cfg.out)
     device = resolve_device(cfg.train.device)
-    info = distributed.setup(device.type)
-    try:
-        return _train(cfg, out, device, info, resume, progress)
-    finally:
-        distributed.teardown()
+    # Rank 0 alone writes the run directory, so it alone holds the lock, taken before the process
+    # group exists: a busy directory stops rank 0 at once and torchrun then stops the other ranks,
+    # none of them left waiting in a collective.
+    owning = hold(out, "resume" if resume else "train") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with owning:
+        info = distributed.setup(device.type)
+        try:
+            return _train(cfg, out, device, info, resume, progress)
+        finally:
+            distributed.teardown()
 
 
 def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.DistInfo, resume: bool, progress: bool) -> dict[str, Any]:
@@ -238,9 +256,13 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     )  # fmt: skip
 
     step, tokens_seen, skipped, wall_before = 0, 0, 0, 0.0
-    found = checkpoint.latest(ckpt_dir) if resume else None
-    if found is not None and found.state["step"] >= total_steps and (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())  # already finished: nothing to do
+    found = checkpoint.resume_point(ckpt_dir, model.state_dict(), info.is_main) if resume else None
+    summary_path = out / "summary.json"
+    if found is not None and found.state["step"] >= total_steps and summary_path.exists():
+        with contextlib.suppress(ValueError):  # not JSON or not UTF-8 (a disk fault): written again below
+            if isinstance(summary := json.loads(summary_path.read_text(encoding="utf-8")), dict):
+                return summary  # already finished: nothing to do
+        warnings.warn(f"{summary_path} is damaged; writing it again", stacklevel=2)
     if found is not None:
         model.load_state_dict(checkpoint.load_weights(found.path))
         loader.load_state_dict(found.state["loader"])
@@ -275,13 +297,15 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     peak_flops, peak_source = telemetry.device_peak_flops(device, torch.bfloat16 if precision != "fp32" else torch.float32)
     peak_total = peak_flops * info.world_size
 
+    heldout = ScoringSet.from_split(cfg.data.path, model_cfg.seq_len, "val")
+    eval_batch_tokens = cfg.train.eval_batch * model_cfg.seq_len
+
     def evaluate() -> dict[str, float]:
         # eager: the validation batches would each be a new shape for the compiled model to compile
-        return split_loss(
-            wrapped, cfg.data.path, model_cfg.seq_len, cfg.train.eval_batch, device, autocast=autocast,
-            rank=info.rank, world_size=info.world_size,
+        return score(
+            wrapped, heldout, eval_batch_tokens, device, autocast=autocast, rank=info.rank, world_size=info.world_size,
             reduce=lambda v: distributed.all_reduce_sum(v, device),
-            pad_batches_to=batches_per_rank(cfg.data.path, model_cfg.seq_len, cfg.train.eval_batch, info.world_size)
+            pad_batches_to=heldout.batches_per_rank(eval_batch_tokens, info.world_size)
             if cfg.train.parallel == "fsdp" and info.enabled else None,
         )  # fmt: skip
 
@@ -298,6 +322,7 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     if gpu:
         gpu.start()
     t_start = time.perf_counter()
+    startup_s = telemetry.seconds_since_process_start()  # interpreter, imports, data checks, model build
     window_t, window_tokens = t_start, 0
     last_eval: dict[str, float] | None = None
     bar = _progress_bar(progress and info.is_main, total_steps, step)
@@ -360,11 +385,18 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
                 "mfu": telemetry.mfu(tok_s, flops_per_token, peak_total), "epochs": loader.epochs,
                 "skipped_steps": skipped,
             }  # fmt: skip
-        if _every(tokens_before, tokens_seen, cfg.train.eval_every_tokens) or step == total_steps:
+        if (
+            _every(tokens_before, tokens_seen, cfg.train.eval_every_tokens)
+            or any(tokens_before < t <= tokens_seen for t in cfg.train.eval_at_tokens)
+            or step == total_steps
+        ):
+            eval_start = time.perf_counter()
             last_eval = evaluate()
             record = (record or {"step": step, "tokens": tokens_seen, "loss": step_loss})
-            record.update(val_loss=last_eval["loss"], val_bpb=last_eval["bpb"], val_ppl=last_eval["ppl"])
+            record.update(val_loss=last_eval["loss"], val_bpb=last_eval["bpb"], val_ppl=last_eval["ppl"],
+                          eval_s=time.perf_counter() - eval_start)  # fmt: skip
         if record is not None and info.is_main:
+            record["elapsed_s"] = wall_before + (time.perf_counter() - t_start)  # training wall time, evals included
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         if _every(tokens_before, tokens_seen, cfg.train.checkpoint_every_tokens) or step == total_steps:
@@ -374,6 +406,8 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
 
     if bar is not None:
         bar.stop()
+    if last_eval is None:  # resumed after the final checkpoint but before summary.json: evaluate now
+        last_eval = evaluate()
     wall = wall_before + (time.perf_counter() - t_start)
     gpu_summary = gpu.stop() if gpu else {"gpu_util": None, "energy_j": None}
     tokens_per_s = tokens_seen / wall if wall else 0.0
@@ -382,15 +416,17 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         "params": n_params,
         "non_embedding_params": n_nonemb,
         "flops_per_token": flops_per_token,
-        "flops_convention": "6N + 12*n_layer*d_model*seq_len per token; N includes the tied embedding",
+        "flops_convention": "6N + 12*n_layer*d_model*seq_len per token; N: matmul parameters (the tied embedding once, "
+                            "not position tables or an untied input embedding)",
         "tokens_seen": tokens_seen,
         "steps": step,
         "epochs": loader.epochs,
-        "token_budget": len(loader.tokens),
+        "token_budget": loader.budget_tokens,
         "val_loss": last_eval["loss"] if last_eval else None,
         "val_bpb": last_eval["bpb"] if last_eval else None,
         "val_ppl": last_eval["ppl"] if last_eval else None,
         "wall_s": wall,
+        "startup_s": startup_s,
         "tokens_per_s": tokens_per_s,
         "mfu": telemetry.mfu(tokens_per_s, flops_per_token, peak_total),
         "peak_flops": peak_total,
@@ -439,11 +475,14 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records logged after the checkpoint so the file reads as one clean run."""
+    """On resume, drop records logged after the checkpoint (and a last line torn by the interruption)
+    so the file reads as one clean run."""
+    from smallscale.eval.runs import read_metrics
+
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [record for record in read_metrics(path) if record["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in keep))
 
 
 def _progress_bar(enabled: bool, total: int, start: int):

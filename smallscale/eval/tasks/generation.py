@@ -2,8 +2,8 @@
 
 Protocol (`run_generation`): the val split's token stream is cut at EOS into documents; those with
 at least prompt_tokens + new_tokens tokens are eligible, and n_prompts of them are drawn without
-replacement by a numpy generator seeded with `seed` (then kept in stream order). The prompt is a
-document's first prompt_tokens tokens (no BOS/EOS added); the model samples new_tokens more
+replacement by a numpy generator seeded with `seed` (then kept in stream order). The prompt is the EOS
+before a document and its first prompt_tokens tokens (every training document follows an EOS); the model samples new_tokens more
 (stopping early at EOS), and the reference is the document's true next new_tokens tokens. Prompt,
 continuation and reference are scored as decoded text.
 
@@ -34,11 +34,12 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 from tokenizers import Tokenizer
 
-from smallscale.data.loader import TokenArray
-from smallscale.data.shards import load_manifest, read_split
+from smallscale.data.loader import split_stream
+from smallscale.data.shards import load_manifest
 from smallscale.data.tokenizer import eos_id as tokenizer_eos_id
 from smallscale.errors import UserError
 from smallscale.eval.generate import check_length, cut_at_eos, generate
+from smallscale.eval.tasks.perplexity import document_spans
 from smallscale.io import atomic_write_text
 from smallscale.model.gpt import GPT
 
@@ -102,19 +103,6 @@ def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     return result
 
 
-def val_documents(dataset_dir: str | Path, eos: int) -> tuple[TokenArray, np.ndarray, np.ndarray]:
-    """The val stream and its documents' (starts, lengths), EOS excluded, in stream order."""
-    shards = read_split(dataset_dir, "val")
-    stream = TokenArray(shards)
-    per_shard = [
-        np.flatnonzero(np.asarray(shard) == eos) + int(first)
-        for shard, first in zip(shards, stream.starts[:-1], strict=True)
-    ]
-    eos_positions = np.concatenate(per_shard or [np.zeros(0, dtype=np.int64)])
-    starts = np.concatenate([[0], eos_positions + 1])[: len(eos_positions)].astype(np.int64)
-    return stream, starts, eos_positions - starts
-
-
 def run_generation(
     model: GPT,
     tokenizer: Tokenizer,
@@ -140,13 +128,15 @@ def run_generation(
     for name, value in sizes.items():
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
-    check_length(model, prompt_tokens, new_tokens)
+    check_length(model, 1 + prompt_tokens, new_tokens)  # the EOS before the prompt takes a position
     manifest = load_manifest(dataset_dir)
     eos = int(manifest["eos_id"])
     if tokenizer_eos_id(tokenizer) != eos or tokenizer.get_vocab_size() != manifest["vocab_size"]:
         raise UserError(f"the tokenizer is not the one {str(dataset_dir)!r} was prepared with; load its tokenizer.json")
 
-    stream, starts, lengths = val_documents(dataset_dir, eos)
+    stream, _ = split_stream(dataset_dir, "val")
+    spans = document_spans(stream, eos)
+    starts, lengths = spans[:, 0], spans[:, 1] - spans[:, 0]
     eligible = np.flatnonzero(lengths >= prompt_tokens + new_tokens)
     if len(eligible) == 0:
         raise UserError(
@@ -156,7 +146,7 @@ def run_generation(
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(eligible, size=min(n_prompts, len(eligible)), replace=False))
     docs = [stream.read(int(starts[d]), prompt_tokens + new_tokens) for d in chosen]
-    prompts = torch.from_numpy(np.stack([doc[:prompt_tokens] for doc in docs]))  # (n, prompt_tokens)
+    prompts = torch.from_numpy(np.stack([np.concatenate([[eos], doc[:prompt_tokens]]) for doc in docs]))  # (n, 1 + prompt_tokens)
 
     model.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -164,7 +154,7 @@ def run_generation(
     for start in range(0, len(docs), batch_size):
         batch = prompts[start : start + batch_size].to(device)
         out = generate(model, batch, new_tokens, temperature, top_k, top_p, eos_id=eos, generator=generator)
-        new_ids += out[:, prompt_tokens:].tolist()
+        new_ids += out[:, 1 + prompt_tokens :].tolist()
 
     settings = {
         "split": "val",
