@@ -814,7 +814,7 @@ def human_eval(study_dir: Path) -> Section:
         return _unanswered(key, title, "`human_eval.sqlite` exists but smallscale.humaneval is not available to read it.")
     summary = load_summary(study_dir)
     if summary is None:
-        return _unanswered(key, title, "`human_eval.sqlite` holds no votes yet.")
+        return _unanswered(key, title, "`human_eval.sqlite` holds no votes from invited raters yet.")
     return Section(key, title, summary_markdown(summary), data={"answered": True, "summary": summary})
 
 
