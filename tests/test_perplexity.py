@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +137,22 @@ def test_stream_protocol_crosses_documents_but_never_scores_eos(tiny_dataset):
     assert packed["tokens"] == manifest["splits"]["val"]["document_tokens"]
     windows = ScoringSet.from_split(tiny_dataset, 32, protocol="stream").windows
     assert (windows[:, 1] == 32).sum() == len(windows) - 1  # full windows but the last
+
+
+def test_a_capped_subset_scores_the_first_documents_with_their_own_bytes(tiny_dataset):
+    from smallscale.data.shards import load_manifest
+    from smallscale.eval.tasks.perplexity import ScoringSet, _decoded_size, document_spans
+
+    manifest = load_manifest(tiny_dataset)["splits"]["val"]
+    whole = ScoringSet.from_split(tiny_dataset, 32)
+    spans = document_spans(whole.stream, whole.eos)
+    assert _decoded_size(tiny_dataset, whole.stream, spans) == (manifest["bytes"], manifest["words"])  # exact round trip
+    cap = manifest["document_tokens"] // 3
+    subset = ScoringSet.from_split(tiny_dataset, 32, max_tokens=cap)
+    kept = int(np.searchsorted(np.cumsum(spans[:, 1] - spans[:, 0]), cap, side="right"))
+    assert subset.n_bytes == _decoded_size(tiny_dataset, whole.stream, spans[:kept])[0] < manifest["bytes"]
+    model = _tiny_model(load_manifest(tiny_dataset)["vocab_size"])
+    scored = split_loss(model, tiny_dataset, 32, 5, "cpu")["tokens"]
+    from smallscale.eval.tasks.perplexity import score
+
+    assert score(model, subset, 5 * 32, "cpu")["tokens"] == int((spans[:kept, 1] - spans[:kept, 0]).sum()) <= cap < scored

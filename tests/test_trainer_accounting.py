@@ -52,3 +52,20 @@ def test_a_run_killed_after_its_final_checkpoint_evaluates_when_resumed(tiny_dat
     assert summary["val_bpb"] is not None and summary["val_bpb"] == finished["val_bpb"]
     assert json.loads((run / "summary.json").read_text())["val_loss"] == finished["val_loss"]
     assert (run / "metrics.jsonl").read_text() == records  # no step trained twice, no record repeated
+
+
+def test_a_nonfinite_step_is_named_exactly_although_values_are_read_only_at_log_steps(tiny_dataset, tmp_path):
+    from smallscale.errors import UserError
+
+    diverge = ["optim.name=sgd", "optim.lr=1e12", "train.grad_clip=null", "train.steps=12"]
+    messages = []
+    for log_every in (1, 5):
+        cfg = load_run_config(None, [f"data.path={tiny_dataset}", f"out={tmp_path / str(log_every)}", *TINY, *diverge,
+                                     f"train.log_every_steps={log_every}", "train.checkpoint_every_tokens=512"])  # fmt: skip
+        with pytest.raises(UserError, match=r"non-finite loss or gradient norm at step (\d+)") as info:
+            train(cfg, progress=False)
+        messages.append(str(info.value))
+        bad_step = int(str(info.value).split("at step ")[1].split()[0])
+        saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / str(log_every) / "checkpoints").glob("step-*"))
+        assert all(s < bad_step for s in saved)  # no checkpoint keeps the weights of a non-finite step
+    assert messages[0] == messages[1]  # the same first bad step, whether read every step or every fifth

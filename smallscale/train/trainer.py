@@ -34,7 +34,7 @@ from smallscale.data.loader import TrainLoader
 from smallscale.data.shards import load_manifest
 from smallscale.errors import UserError
 from smallscale.eval.tasks.perplexity import ScoringSet, score
-from smallscale.io import atomic_write_json, atomic_write_text
+from smallscale.io import atomic_write_json, atomic_write_text, writing
 from smallscale.model.gpt import GPT, GPTConfig, GPTOutput
 from smallscale.model.presets import PRESETS, preset_config
 from smallscale.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at
@@ -108,6 +108,10 @@ class TrainSection(Strict):
         [], description="also evaluate after the step that reaches each of these token counts (e.g. log-spaced)"
     )
     eval_batch: int = Field(16, gt=0)
+    eval_tokens: int | None = Field(
+        2_000_000, gt=0, description="in-loop evaluations score the first val documents up to this many tokens "
+        "(a fixed subset, so evaluation stays cheap on a large val split); null: the whole val split",
+    )
     checkpoint_every_tokens: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     log_every_steps: int = Field(10, gt=0)
@@ -297,7 +301,7 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     peak_flops, peak_source = telemetry.device_peak_flops(device, torch.bfloat16 if precision != "fp32" else torch.float32)
     peak_total = peak_flops * info.world_size
 
-    heldout = ScoringSet.from_split(cfg.data.path, model_cfg.seq_len, "val")
+    heldout = ScoringSet.from_split(cfg.data.path, model_cfg.seq_len, "val", max_tokens=cfg.train.eval_tokens)
     eval_batch_tokens = cfg.train.eval_batch * model_cfg.seq_len
 
     def evaluate() -> dict[str, float]:
@@ -325,6 +329,8 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     startup_s = telemetry.seconds_since_process_start()  # interpreter, imports, data checks, model build
     window_t, window_tokens = t_start, 0
     last_eval: dict[str, float] | None = None
+    first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first non-finite step, 0: none
+    step_loss = float("nan")
     bar = _progress_bar(progress and info.is_main, total_steps, step)
 
     while step < total_steps:
@@ -350,20 +356,19 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-        (step_loss,) = distributed.all_reduce_sum([loss_sum.item() / accum], device)
-        step_loss /= info.world_size
-        grad_norm_v = float(grad_norm)  # identical on every rank after the gradient all-reduce
         tokens_before = tokens_seen
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm_v)) and scaler is None:
-            if cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(
-                    f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step {step + 1} "
-                    f"(batch of samples {loader.samples_consumed - accum * cfg.train.micro_batch * info.world_size}"
-                    f"..{loader.samples_consumed - 1}); lower optim.lr, enable grad_clip, or set train.on_nonfinite=skip"
-                )
+        # No host sync per step (a GPU would idle while Python waits): the loss and gradient norm are
+        # read back only at log, eval and checkpoint steps, and a non-finite step is remembered on
+        # the device (its step number) and raised at the next such step, before any checkpoint could
+        # keep its weights. Skipping a bad step must decide before the update, so `skip` (and fp16's
+        # scaler, which skips by itself) reads the values every step.
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        if cfg.train.on_nonfinite == "skip" and scaler is None and not bool(finite):
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
         else:
+            if scaler is None and cfg.train.on_nonfinite == "stop":
+                first_bad_step = torch.where(finite | (first_bad_step > 0), first_bad_step, step + 1)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -375,21 +380,28 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         window_tokens += cfg.train.global_batch_tokens
 
         record: dict[str, Any] | None = None
-        if step % cfg.train.log_every_steps == 0 or step == total_steps:
+        log_now = step % cfg.train.log_every_steps == 0 or step == total_steps
+        eval_now = (
+            _every(tokens_before, tokens_seen, cfg.train.eval_every_tokens)
+            or any(tokens_before < t <= tokens_seen for t in cfg.train.eval_at_tokens)
+            or step == total_steps
+        )
+        save_now = _every(tokens_before, tokens_seen, cfg.train.checkpoint_every_tokens) or step == total_steps
+        if log_now or eval_now or save_now:  # the host reads back here, and only here
+            _raise_if_nonfinite(int(first_bad_step), loader, accum * cfg.train.micro_batch * info.world_size)
+            (step_loss,) = distributed.all_reduce_sum([loss_sum.item() / accum], device)
+            step_loss /= info.world_size
+        if log_now:
             now = time.perf_counter()
             tok_s = window_tokens / max(now - window_t, 1e-9)
             window_t, window_tokens = now, 0
             record = {
                 "step": step, "tokens": tokens_seen, "loss": step_loss, "lr": base_lrs[0] * lr_scale,
-                "grad_norm": grad_norm_v, "tokens_per_s": tok_s,
+                "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
                 "mfu": telemetry.mfu(tok_s, flops_per_token, peak_total), "epochs": loader.epochs,
                 "skipped_steps": skipped,
             }  # fmt: skip
-        if (
-            _every(tokens_before, tokens_seen, cfg.train.eval_every_tokens)
-            or any(tokens_before < t <= tokens_seen for t in cfg.train.eval_at_tokens)
-            or step == total_steps
-        ):
+        if eval_now:
             eval_start = time.perf_counter()
             last_eval = evaluate()
             record = (record or {"step": step, "tokens": tokens_seen, "loss": step_loss})
@@ -397,12 +409,12 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
                           eval_s=time.perf_counter() - eval_start)  # fmt: skip
         if record is not None and info.is_main:
             record["elapsed_s"] = wall_before + (time.perf_counter() - t_start)  # training wall time, evals included
-            with open(metrics_path, "a", encoding="utf-8") as f:
+            with writing(metrics_path), open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        if _every(tokens_before, tokens_seen, cfg.train.checkpoint_every_tokens) or step == total_steps:
+        if save_now:
             save_checkpoint()
         if bar is not None:
-            bar.update(bar.task_ids[0], completed=step, loss=step_loss)
+            bar.update(bar.task_ids[0], completed=step, **({"loss": step_loss} if log_now else {}))
 
     if bar is not None:
         bar.stop()
@@ -425,6 +437,7 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         "val_loss": last_eval["loss"] if last_eval else None,
         "val_bpb": last_eval["bpb"] if last_eval else None,
         "val_ppl": last_eval["ppl"] if last_eval else None,
+        "val_tokens": last_eval["tokens"] if last_eval else None,
         "wall_s": wall,
         "startup_s": startup_s,
         "tokens_per_s": tokens_per_s,
@@ -443,6 +456,16 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     if info.is_main:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _raise_if_nonfinite(bad_step: int, loader: TrainLoader, samples_per_step: int) -> None:
+    """NonFiniteError for the first step whose loss or gradient norm was not finite (0: none was)."""
+    if bad_step:
+        first = (bad_step - 1) * samples_per_step  # a batch is a pure function of the step (loader.py)
+        raise NonFiniteError(
+            f"non-finite loss or gradient norm at step {bad_step} (batch of samples {first}..{first + samples_per_step - 1}); "
+            "lower optim.lr, enable grad_clip, or set train.on_nonfinite=skip"
+        )
 
 
 def _first_compiled_loss(

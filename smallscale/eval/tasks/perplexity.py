@@ -84,6 +84,15 @@ def stream_windows(n_tokens: int, max_len: int) -> np.ndarray:
     return np.stack([starts, n_inputs, np.zeros_like(starts)], axis=1)
 
 
+def _decoded_size(dataset_dir: str | Path, stream: TokenArray, spans: np.ndarray) -> tuple[int, int]:
+    """(UTF-8 bytes, whitespace words) of the documents `spans` of a prepared split, by decoding them."""
+    from smallscale.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(dataset_dir) / "tokenizer.json")
+    texts = tokenizer.decode_batch([stream.read(int(a), int(b - a)).tolist() for a, b in spans], skip_special_tokens=False)
+    return sum(len(t.encode("utf-8")) for t in texts), sum(len(t.split()) for t in texts)
+
+
 @dataclass
 class ScoringSet:
     """A token stream, the windows that score it and the bytes (and words) of its documents."""
@@ -97,18 +106,25 @@ class ScoringSet:
     @classmethod
     def from_split(
         cls, dataset_dir: str | Path, seq_len: int, split: str = "val", protocol: Protocol = "documents",
-        stride: int | None = None,
+        stride: int | None = None, max_tokens: int | None = None,
     ) -> ScoringSet:  # fmt: skip
+        """The split's documents; with `max_tokens`, only its first documents (in stream order) holding
+        at most that many document tokens (at least one document): a fixed subset for cheap in-loop
+        evaluation, whose bytes are counted by decoding it (the tokenizers round-trip exactly)."""
         manifest = load_manifest(dataset_dir)
         if split not in manifest["splits"]:
             raise UserError(f"split {split!r} not in {str(dataset_dir)!r}; it has {sorted(manifest['splits'])}")
         info = manifest["splits"][split]
         stream, eos = split_stream(dataset_dir, split)
+        n_bytes, n_words = int(info["bytes"]), info.get("words")
         if protocol == "stream":
-            windows = stream_windows(len(stream), seq_len)
-        else:
-            windows = document_windows(document_spans(stream, eos), seq_len, stride)
-        return cls(stream, eos, windows, int(info["bytes"]), info.get("words"))
+            return cls(stream, eos, stream_windows(len(stream), seq_len), n_bytes, n_words)
+        spans = document_spans(stream, eos)
+        if max_tokens is not None and int((spans[:, 1] - spans[:, 0]).sum()) > max_tokens:
+            kept = max(1, int(np.searchsorted(np.cumsum(spans[:, 1] - spans[:, 0]), max_tokens, side="right")))
+            spans = spans[:kept]
+            n_bytes, n_words = _decoded_size(dataset_dir, stream, spans)
+        return cls(stream, eos, document_windows(spans, seq_len, stride), n_bytes, n_words)
 
     @classmethod
     def from_documents(cls, token_docs: Sequence[Sequence[int]], eos: int, seq_len: int, n_bytes: int,
