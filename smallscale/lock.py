@@ -63,6 +63,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from smallscale.errors import UserError
+from smallscale.io import writing
 
 LOCK_FILE = ".smallscale.lock"
 CLAIM_FILE = ".smallscale.claim"
@@ -188,9 +189,14 @@ def _acquire(folder: Path, purpose: str, made: list[Path]) -> _Held:
     if claimed is not None:
         os.close(fd)
         raise FolderBusy(folder, claimed)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, _encode(me), 0)
-    os.fsync(fd)  # on NFS, what makes the record visible to other hosts while we keep the file open
+    try:
+        with writing(folder / LOCK_FILE):  # a full disk: the first write of any command, named
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _encode(me), 0)
+            os.fsync(fd)  # on NFS, what makes the record visible to other hosts while we keep the file open
+    except OSError:
+        os.close(fd)  # and with it the lock
+        raise
     return _Held(os.getpid(), 1, me, folder, fd, None, None, made)
 
 
@@ -279,8 +285,9 @@ def _record_of_holder(fd: int) -> Owner:
 def _take_claim(folder: Path, me: Owner, made: list[Path]) -> _Held:
     claim = folder / CLAIM_FILE
     draft = folder / f"{CLAIM_FILE}.{me.host}.{me.pid}.tmp"
-    draft.write_bytes(_encode(me))
     try:
+        with writing(claim):
+            draft.write_bytes(_encode(me))
         for _ in range(3):
             try:
                 os.link(draft, claim)  # atomic, complete from its first moment, and fails if a claim exists

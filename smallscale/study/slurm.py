@@ -38,12 +38,17 @@ class RunJob(submitit.helpers.Checkpointable):
             return {"state": "running", "owner": busy.owner.describe(), "skipped": str(busy)}
 
 
+def make_executor(folder: Path, parameters: dict[str, Any], cluster: str | None, name: str) -> submitit.AutoExecutor:
+    """A submitit executor logging to FOLDER/<job id>/, with `parameters` (submitit's names, e.g.
+    slurm_partition, timeout_min, cpus_per_task, mem_gb) and `name` unless they name the job."""
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
+    executor.update_parameters(**{"name": name, **parameters})
+    return executor
+
+
 def submit(study_dir: Path, run_ids: list[str], parameters: dict[str, Any], cluster: str | None = None) -> list[Any]:
     """Submit one array job; adds its tasks to STUDY_DIR/slurm/jobs.json (run id -> latest job id)."""
-    executor = submitit.AutoExecutor(folder=str(study_dir / "slurm" / "%j"), cluster=cluster)
-    params = dict(parameters)
-    params.setdefault("name", f"smallscale-{study_dir.name}")
-    executor.update_parameters(**params)
+    executor = make_executor(study_dir / "slurm", parameters, cluster, name=f"smallscale-{study_dir.name}")
     jobs = executor.map_array(RunJob(), [str(study_dir)] * len(run_ids), run_ids) if run_ids else []
     index = study_dir / "slurm" / "jobs.json"
     known = json.loads(index.read_text(encoding="utf-8")) if index.exists() else {}

@@ -36,7 +36,7 @@ from smallscale.errors import UserError
 from smallscale.eval.runs import (
     WEIGHTS, CheckpointDamaged, check_file, check_weights, complete_checkpoints, error_line, read_checkpoint_state,
 )
-from smallscale.io import sha256_file
+from smallscale.io import sha256_file, writing
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
@@ -111,14 +111,20 @@ def save(
     tmp.mkdir()
     # safetensors refuses shared storage (tied embeddings): store each tensor once, contiguous.
     weights = {k: v.detach().contiguous().clone() for k, v in model_state.items()}
-    save_file(weights, str(tmp / "model.safetensors"))
+    # A full disk names the file of the checkpoint (`writing`). torch.save is given a file object:
+    # its RuntimeError then keeps the OSError of the failed write as its context.
+    with writing(final / WEIGHTS):
+        save_file(weights, str(tmp / WEIGHTS))
     if os.environ.get(CRASH_ENV) == str(step):
         os.kill(os.getpid(), 9)
-    torch.save(optim_state, tmp / "optimizer.pt")
+    with writing(final / "optimizer.pt"), open(tmp / "optimizer.pt", "wb") as f:
+        torch.save(optim_state, f)
     rng_plain, rng_tensors = _rng_state()
-    torch.save(rng_tensors, tmp / "rng.pt")
+    with writing(final / "rng.pt"), open(tmp / "rng.pt", "wb") as f:
+        torch.save(rng_tensors, f)
     hashes = {name: sha256_file(tmp / name) for name in HASHED}
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_plain, "sha256": hashes}))
+    with writing(final / "state.json"):
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_plain, "sha256": hashes}))
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
