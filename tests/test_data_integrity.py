@@ -233,7 +233,7 @@ def test_an_unfinished_attempt_with_other_settings_does_not_lend_its_tokenizer(c
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(shards_mod, "_write_split", crash)
+    monkeypatch.setattr(shards_mod, "_merge", crash)
     with pytest.raises(RuntimeError):
         prep(corpus, tmp_path / "ds", vocab_size=300)
     assert (tmp_path / "ds" / "tokenizer.json").exists() and not (tmp_path / "ds" / "manifest.json").exists()

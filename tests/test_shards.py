@@ -89,7 +89,7 @@ def test_rerun_after_crash_does_not_redo_finished_parts(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(shards_mod, "_write_split", crash)
+    monkeypatch.setattr(shards_mod, "_merge", crash)
     with pytest.raises(RuntimeError):
         prepare(cfg, progress=False)
     assert not (tmp_path / "ds" / "manifest.json").exists()

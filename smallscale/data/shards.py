@@ -4,51 +4,66 @@ Pipeline (each step leaves files, so a crash never redoes finished work):
 
 1. tokenizer: train on the train-split documents (first `tokenizer_train_bytes` of them) or load one;
 2. encode (parallel over source parts): every document is normalised, hashed, assigned to train or
-   val *by its hash* (so the split is independent of order and duplicates land together), encoded,
-   and written to `work/part-NNNNNN.{tokens,index}.npy`; a finished part is never redone;
-3. assemble: drop exact duplicates (first occurrence wins), shuffle documents with a fixed seed, and
-   copy their tokens (EOS after each document) into bounded shards `train-NNNNN.bin`, written to a
-   temp file and renamed. Token budgets are prefixes of this one fixed order, so budgets nest;
+   val *by its hash* (so the split is independent of order and duplicates land together), encoded
+   (tokens spooled to an unnamed temp file), and given its order key (smallscale/data/order.py).
+   The part's tokens are then saved by increasing key to `work/part-NNNNNN.tokens.npy`, and its
+   index records (key, where the tokens are, counts) to `work/part-NNNNNN.index.npy`. A part is
+   written whole (temp files renamed, `done.json` last) and never redone, so a kill loses at most
+   the parts in flight, one per worker;
+3. merge: read the parts' index records in key ranges, drop exact duplicates (copies are
+   neighbours in that order), cap the val split at `val_tokens`, and copy each document's tokens
+   (EOS after each) into bounded shards `train-NNNNN.bin`, each written to a temp file and renamed.
+   Since every part file is in key order too, the merge reads each front to back. The order key is
+   a seeded bijection of the content hash, so the document order is fixed by (seed, corpus) alone,
+   and token budgets are prefixes of it, so budgets nest;
 4. `manifest.json` last (atomically): its presence means the dataset is complete.
+
+Memory does not grow with the corpus: a worker holds one batch of documents, its part's index
+records (41 bytes a document) and a 2 MB copy buffer; the merge one key range of index records
+(`order.BUCKET_DOCS`) and an 8 MB copy buffer. Steps 1-3 run in this process and a process pool, or as SLURM jobs
+(smallscale/data/cluster.py); both run the same functions on the same files, so give the same dataset.
 
 Re-running into the same folder never mixes settings: the manifest (and `work/fingerprint.json` for
 an unfinished attempt) records everything that determines the output (`_settings`); a complete
 dataset is reused only if that matches, unfinished work only resumed if it matches, and `force`
 starts from scratch. Readers check every shard against the manifest (`read_split`): sizes on each
 open, sha256 and token ids once, remembered in `verified.json`; `verify_dataset` checks everything.
-
-Only the per-document index (a few dozen bytes per document) is held in memory, never the corpus.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import json
 import os
 import re
+import resource
 import shutil
+import tempfile
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 import numpy as np
 from pydantic import Field
+from tokenizers import Tokenizer
 
 from smallscale.config import Strict
-from smallscale.data import sources
+from smallscale.data import order, sources
 from smallscale.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from smallscale.errors import UserError
-from smallscale.io import atomic_write_bytes, atomic_write_json, sha256_file
+from smallscale.io import atomic_write_bytes, atomic_write_json, sha256_file, writing
 from smallscale.lock import hold
 
-FORMAT_VERSION = 1
-# Per-document index record written by the encode step.
-INDEX_DTYPE = np.dtype(
-    [("hash", "<u8"), ("offset", "<i8"), ("tokens", "<i8"), ("bytes", "<i8"), ("words", "<i8"), ("val", "u1")]
-)
+# 2: documents in order-key order (smallscale/data/order.py), where 1 shuffled them by a seeded
+# permutation of their source positions; the val split capped at val_tokens. Both read the same.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+EXECUTORS = ("local", "slurm", "submitit-local")
 
 
 class PrepareConfig(Strict):
@@ -68,13 +83,18 @@ class PrepareConfig(Strict):
     nfc: bool = True
     dedup: bool = True
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    val_tokens: int | None = Field(
+        10_000_000, gt=0, description="at most this many val tokens (EOS included): the first val documents in "
+        "the dataset order; the documents the hash holds out beyond it are trained on (with val_source: left out)",
+    )
     val_source: str | None = Field(
         None, description="a source whose documents are the val split (all of them); SOURCE is then all train, "
         "val_fraction unused, and duplicates are removed within each split",
     )
-    seed: int = 1234
+    seed: int = Field(1234, ge=-(2**63), lt=2**63)
     shard_tokens: int = Field(100_000_000, gt=0, description="max tokens per shard file")
-    workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1)), ge=1)
+    workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1)), ge=1,
+                         description="encoding processes; with a SLURM executor, array tasks")  # fmt: skip
     part_bytes: int = Field(64 * 2**20, gt=0, description="split large line-based files into parts of this size")
 
     def source_options(self) -> sources.SourceOptions:
@@ -94,8 +114,12 @@ def normalize(text: str, nfc: bool) -> str:
 
 
 def doc_hash(text: str) -> int:
-    """64-bit content hash: dedup key and (with the seed) the split assignment."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    """64-bit content hash: dedup key, the split assignment (with the seed) and the order key."""
+    return _hash_utf8(text.encode("utf-8"))
+
+
+def _hash_utf8(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def is_val(h: int, seed: int, val_fraction: float) -> bool:
@@ -121,6 +145,19 @@ def train_documents(cfg: PrepareConfig, parts: list[sources.Part]) -> Iterator[s
             budget -= len(text.encode("utf-8"))
             if budget <= 0:
                 return
+
+
+# ----------------------------------------------------------------------------- tokenizer step
+def _train_tokenizer_file(cfg: PrepareConfig, parts: list[sources.Part], show_progress: bool) -> None:
+    """Train the tokenizer on SOURCE and save it as OUT/tokenizer.json (temp file renamed)."""
+    tok_path = Path(cfg.out) / "tokenizer.json"
+    tok = train_tokenizer(train_documents(cfg, parts), cfg.tokenizer, cfg.vocab_size, show_progress=show_progress)
+    if tok.get_vocab_size() <= 3:
+        raise UserError(f"source {cfg.source!r} has no training documents; the corpus is empty")
+    tmp = tok_path.with_name(".tokenizer.json.tmp")
+    with writing(tok_path):
+        tok.save(str(tmp))
+    os.replace(tmp, tok_path)
 
 
 # ----------------------------------------------------------------------------- encode step
@@ -151,128 +188,395 @@ def _part_paths(work_dir: str | Path, index: int) -> tuple[Path, Path, Path]:
 
 
 def _encode_part(job: _EncodeJob, batch_docs: int = 512) -> _EncodeResult:
+    """Encode one part into its token file and index, both in order-key order, so that the merge
+    reads every part file front to back (sequential I/O, whatever the disk)."""
     tokens_path, index_path, done_path = _part_paths(job.work_dir, job.index)
     if done_path.exists():
         done = json.loads(done_path.read_text())
         return _EncodeResult(job.index, done["documents"], done["text_bytes"], done["replaced_chars"], True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = load_tokenizer(job.tokenizer_path)
+    dtype = np.dtype(job.dtype)
     stats = sources.ReadStats()
-    records: list[tuple[int, int, int, int, int, int]] = []
-    token_chunks: list[np.ndarray] = []
-    offset = 0
-    text_bytes = 0
-
-    def flush(batch: list[str]) -> None:
-        nonlocal offset, text_bytes
-        for text, enc in zip(batch, tok.encode_batch(batch, add_special_tokens=False), strict=True):
-            ids = np.asarray(enc.ids, dtype=job.dtype)
-            h = doc_hash(text)
-            n_bytes = len(text.encode("utf-8"))
-            records.append((h, offset, len(ids), n_bytes, len(text.split()), is_val(h, job.seed, job.val_fraction)))
-            token_chunks.append(ids)
-            offset += len(ids)
-            text_bytes += n_bytes
-
-    batch: list[str] = []
-    for raw in sources.read_part(job.part, stats):
-        batch.append(normalize(raw, job.nfc))
-        if len(batch) >= batch_docs:
-            flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
-
-    tokens = np.concatenate(token_chunks) if token_chunks else np.zeros(0, dtype=job.dtype)
-    index = np.array(records, dtype=INDEX_DTYPE)
-    _save_npy_atomic(tokens_path, tokens)
+    columns: dict[str, list[int]] = {"hash": [], "tokens": [], "bytes": [], "words": [], "val": []}
+    with _Spool(tokens_path, dtype) as spool:  # tokens in source order, on disk: a part can be any size
+        texts = (normalize(raw, job.nfc) for raw in sources.read_part(job.part, stats))
+        while batch := list(itertools.islice(texts, batch_docs)):
+            _encode_batch(tok, batch, spool, columns, job)
+        index = np.zeros(len(columns["hash"]), dtype=order.INDEX_DTYPE)
+        index["key"] = order.order_keys(np.array(columns["hash"], dtype=np.uint64), job.seed)
+        for name in ("tokens", "bytes", "words", "val"):
+            index[name] = columns[name]
+        index["offset"] = np.cumsum(index["tokens"]) - index["tokens"]  # in the spool
+        index = order.sort_index(index)
+        _save_in_order(spool, index, tokens_path, dtype)
+    index["offset"] = np.cumsum(index["tokens"]) - index["tokens"]  # in the saved file
     _save_npy_atomic(index_path, index)
-    summary = {"documents": len(records), "text_bytes": text_bytes, "replaced_chars": stats.replaced_chars}
+    text_bytes = int(index["bytes"].sum())
+    summary = {"documents": len(index), "text_bytes": text_bytes, "replaced_chars": stats.replaced_chars}
     atomic_write_json(done_path, summary)  # last: marks the part finished
-    return _EncodeResult(job.index, len(records), text_bytes, stats.replaced_chars, False)
+    return _EncodeResult(job.index, len(index), text_bytes, stats.replaced_chars, False)
+
+
+def _encode_batch(tok: Tokenizer, texts: list[str], spool: _Spool, columns: dict[str, list[int]], job: _EncodeJob) -> None:
+    """Append the tokens of `texts` to `spool` and their index fields to `columns`."""
+    ids = [enc.ids for enc in tok.encode_batch(texts, add_special_tokens=False)]
+    spool.write(np.fromiter(itertools.chain.from_iterable(ids), dtype=spool.dtype, count=sum(map(len, ids))))
+    for text, doc_ids in zip(texts, ids, strict=True):
+        data = text.encode("utf-8")
+        h = _hash_utf8(data)
+        columns["hash"].append(h)
+        columns["tokens"].append(len(doc_ids))
+        columns["bytes"].append(len(data))
+        columns["words"].append(len(text.split()))
+        columns["val"].append(is_val(h, job.seed, job.val_fraction))
+
+
+class _Spool:
+    """A part's tokens in source order, in an unnamed temp file next to `path` (the file errors name)."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, dtype
+
+    def __enter__(self) -> _Spool:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".spool")
+        os.unlink(tmp)  # gone with its last descriptor, however the process ends
+        self.file = os.fdopen(fd, "w+b")
+        return self
+
+    def write(self, tokens: np.ndarray) -> None:
+        with writing(self.path):
+            _write_array(self.file, tokens)
+
+    def __exit__(self, *_: object) -> None:
+        self.file.close()
+
+
+def _save_in_order(spool: _Spool, index: np.ndarray, path: Path, dtype: np.dtype) -> None:
+    """The documents of `index` (offsets into `spool`), in its order, as the .npy file `path`."""
+    with writing(path):
+        spool.file.flush()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with writing(path):
+                f.write(_npy_header(dtype, int(index["tokens"].sum())))
+            copier = _Copier(dtype, _PART_COPY_TOKENS, lambda tokens: _write_named(f, tokens, path))
+            size, source = dtype.itemsize, spool.file.fileno()
+            for offset, count in zip(index["offset"].tolist(), index["tokens"].tolist(), strict=True):
+                copier.run(source, offset * size, count)
+            copier.flush()
+            with writing(path):
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_named(f: BinaryIO, tokens: np.ndarray, path: Path) -> None:
+    with writing(path):
+        _write_array(f, tokens)
+
+
+def _npy_header(dtype: np.dtype, count: int) -> bytes:
+    """The .npy (format 1.0) header of a 1-D array of `count` elements."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (count,)})
+    return buf.getvalue()
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- assemble step
-def _write_split(
-    name: str,
-    order: np.ndarray,
-    index: np.ndarray,
-    part_of: np.ndarray,
-    part_tokens: list[np.ndarray],
-    out_dir: Path,
-    eos: int,
-    dtype: np.dtype,
-    shard_tokens: int,
-) -> list[dict]:
-    """Write the documents `order` (rows of `index`) as shards of at most `shard_tokens` tokens."""
-    shards: list[dict] = []
-    buf = np.empty(shard_tokens, dtype=dtype)
-    fill = 0
-    shard_docs = 0
-
-    def emit() -> None:
-        nonlocal fill, shard_docs
-        path = out_dir / f"{name}-{len(shards):05d}.bin"
-        shards.append(_write_shard(path, buf[:fill], shard_docs))
-        fill = 0
-        shard_docs = 0
-
-    for row in order:
-        rec = index[row]
-        doc = part_tokens[part_of[row]][rec["offset"] : rec["offset"] + rec["tokens"]]
-        pieces = (doc, np.array([eos], dtype=dtype))
-        shard_docs += 1
-        for piece in pieces:  # a document may straddle two shards; the stream is what matters
-            start = 0
-            while start < len(piece):
-                take = min(len(piece) - start, shard_tokens - fill)
-                buf[fill : fill + take] = piece[start : start + take]
-                fill += take
-                start += take
-                if fill == shard_tokens:
-                    emit()
-    if fill:
-        emit()
-    return shards
-
-
-def _write_shard(path: Path, tokens: np.ndarray, documents: int) -> dict:
-    """Write one shard (tmp + rename); an existing complete shard with the same content is kept."""
-    digest = hashlib.sha256(tokens.tobytes()).hexdigest()
-    if not (path.exists() and path.stat().st_size == tokens.nbytes and sha256_file(path) == digest):
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            tokens.tofile(f)
+    """`np.save` (format 1.0), through `_write_array`, into a unique temp file that is then renamed
+    (two array tasks that both encode one part never write into one file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with writing(path), os.fdopen(fd, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+            _write_array(f, array)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    return {"file": path.name, "tokens": int(len(tokens)), "documents_started": documents, "sha256": digest}
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def _split_stats(rows: np.ndarray, index: np.ndarray, shards: list[dict]) -> dict:
-    recs = index[rows]
-    n_tokens = int(recs["tokens"].sum())  # document tokens, without the EOS separators
-    n_bytes = int(recs["bytes"].sum())
-    n_words = int(recs["words"].sum())
-    return {
-        "tokens": n_tokens + len(rows),  # as stored: one EOS after each document
-        "document_tokens": n_tokens,
-        "documents": int(len(rows)),
-        "bytes": n_bytes,
-        "words": n_words,
-        "bytes_per_token": n_bytes / n_tokens if n_tokens else None,
-        "fertility": n_tokens / n_words if n_words else None,  # tokens per whitespace word
-        "shards": shards,
+def _write_array(f: BinaryIO, array: np.ndarray) -> None:
+    """`array`'s bytes in C order, by the file's own write: a full disk is then an OSError with its
+    errno (ENOSPC, EFBIG), where numpy's tofile reports only a byte count."""
+    f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+
+
+class _Copier:
+    """Token runs read from files by byte position, and single tokens, passed to `sink` in order
+    through one buffer of `capacity` tokens: memory stays bounded for documents of any length."""
+
+    def __init__(self, dtype: np.dtype, capacity: int, sink: Callable[[np.ndarray], None]):
+        self.buf = np.empty(capacity, dtype=dtype)
+        self.bytes = memoryview(self.buf).cast("B")
+        self.fill = 0  # tokens in the buffer
+        self.emitted = 0  # tokens passed to the sink
+        self.sink = sink
+
+    @property
+    def position(self) -> int:
+        """Tokens copied so far."""
+        return self.emitted + self.fill
+
+    def run(self, fd: int, position: int, count: int) -> None:
+        size = self.buf.itemsize
+        while count > 0:
+            if self.fill == len(self.buf):
+                self.flush()
+            take = min(count, len(self.buf) - self.fill)
+            view = self.bytes[self.fill * size : (self.fill + take) * size]
+            assert os.preadv(fd, [view], position) == len(view), (fd, position, take)
+            self.fill += take
+            position += take * size
+            count -= take
+
+    def token(self, value: int) -> None:
+        if self.fill == len(self.buf):
+            self.flush()
+        self.buf[self.fill] = value
+        self.fill += 1
+
+    def flush(self) -> None:
+        if self.fill:
+            self.sink(self.buf[: self.fill])
+        self.emitted += self.fill
+        self.fill = 0
+
+
+# ----------------------------------------------------------------------------- merge step
+_PART_COPY_TOKENS = 2**20  # an encode worker's copy buffer (2 MB of uint16)
+_COPY_TOKENS = 4 * 2**20  # the merge's copy buffer: 8 MB of uint16 (16 MB of uint32) tokens
+
+
+class _PartTokens:
+    """The token files of the encoded parts, open for reading documents by offset."""
+
+    def __init__(self, paths: list[Path], dtype: np.dtype):
+        _allow_open_files(len(paths))
+        self.fds: list[int] = []
+        self.starts: list[int] = []  # byte offset of each file's first token
+        try:
+            for path in paths:
+                self.starts.append(order.npy_data_offset(path, dtype)[0])
+                self.fds.append(os.open(path, os.O_RDONLY))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _allow_open_files(n: int) -> None:
+    """Raise this process's soft limit on open files to fit `n` more, or say how."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = n + 256
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise UserError(
+            f"the merge reads {n:,} encoded parts at once but the open-file limit is {hard:,}; "
+            "raise it (ulimit -n) or pass a larger --part-bytes"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+class _SplitWriter:
+    """One split's token stream (each document followed by EOS) as shards of at most `shard_tokens`
+    tokens; each shard goes to a temp file that is renamed once complete, with its sha256 taken on
+    the way."""
+
+    def __init__(self, out: Path, name: str, dtype: np.dtype, shard_tokens: int, eos: int):
+        self.out, self.name, self.shard_tokens, self.eos = out, name, shard_tokens, eos
+        self.copier = _Copier(dtype, min(_COPY_TOKENS, shard_tokens), self._write)
+        self.shards: list[dict] = []
+        self.starts: dict[int, int] = {}  # shard number -> documents that start in it
+        self.file: BinaryIO | None = None
+        self.in_shard = 0
+        self.digest = hashlib.sha256()
+        self.totals = {"documents": 0, "document_tokens": 0, "bytes": 0, "words": 0}
+
+    def add(self, parts: _PartTokens, owner: np.ndarray, records: np.ndarray) -> None:
+        """Append the documents `records` (index records, in order) of parts `owner`."""
+        for name in ("tokens", "bytes", "words"):
+            self.totals["document_tokens" if name == "tokens" else name] += int(records[name].sum())
+        self.totals["documents"] += len(records)
+        size, copier = self.copier.buf.itemsize, self.copier
+        for part, offset, count in zip(owner.tolist(), records["offset"].tolist(), records["tokens"].tolist(), strict=True):
+            shard = copier.position // self.shard_tokens
+            self.starts[shard] = self.starts.get(shard, 0) + 1
+            copier.run(parts.fds[part], parts.starts[part] + offset * size, count)
+            copier.token(self.eos)
+
+    def _write(self, tokens: np.ndarray) -> None:
+        done = 0
+        while done < len(tokens):
+            if self.file is None:
+                self.file = open(self._tmp(len(self.shards)), "wb")  # noqa: SIM115 (closed in _close_shard)
+            take = min(len(tokens) - done, self.shard_tokens - self.in_shard)
+            chunk = tokens[done : done + take].view(np.uint8)
+            with writing(self._path(len(self.shards))):
+                self.file.write(chunk)
+            self.digest.update(chunk)
+            self.in_shard += take
+            done += take
+            if self.in_shard == self.shard_tokens:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self.file is not None
+        number = len(self.shards)
+        path = self._path(number)
+        with writing(path):
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        os.replace(self._tmp(number), path)
+        self.shards.append({"file": path.name, "tokens": self.in_shard, "documents_started": self.starts.get(number, 0),
+                            "sha256": self.digest.hexdigest()})  # fmt: skip
+        self.in_shard = 0
+        self.digest = hashlib.sha256()
+
+    def finish(self) -> None:
+        self.copier.flush()
+        if self.file is not None:
+            self._close_shard()
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _path(self, number: int) -> Path:
+        return self.out / f"{self.name}-{number:05d}.bin"
+
+    def _tmp(self, number: int) -> Path:
+        path = self._path(number)
+        return path.with_name(f".{path.name}.tmp")
+
+    def stats(self) -> dict:
+        t = self.totals
+        return {
+            "tokens": t["document_tokens"] + t["documents"],  # as stored: one EOS after each document
+            "document_tokens": t["document_tokens"],
+            "documents": t["documents"],
+            "bytes": t["bytes"],
+            "words": t["words"],
+            "bytes_per_token": t["bytes"] / t["document_tokens"] if t["document_tokens"] else None,
+            "fertility": t["document_tokens"] / t["words"] if t["words"] else None,  # tokens per whitespace word
+            "shards": self.shards,
+        }
+
+
+class _ValCap:
+    """The val split is the first val documents, in order, whose tokens (EOS included) fit `limit`."""
+
+    def __init__(self, limit: int | None):
+        self.room = limit
+        self.full = False
+
+    def fitting(self, stored_tokens: np.ndarray) -> int:
+        """How many of the next val documents (their stored token counts, in order) go to val."""
+        if self.room is None:
+            return len(stored_tokens)
+        if self.full:
+            return 0
+        total = np.cumsum(stored_tokens)
+        n = int(np.searchsorted(total, self.room, side="right"))
+        self.room -= int(total[n - 1]) if n else 0
+        self.full = n < len(stored_tokens)
+        return n
+
+
+def _merge(cfg: PrepareConfig, settings: dict, jobs: list[_EncodeJob]) -> dict:
+    """Step 3 and 4: the encoded parts -> shards and manifest.json (written last); returns the manifest."""
+    out = Path(cfg.out)
+    work = out / "work"
+    tok_path = out / "tokenizer.json"
+    tok = load_tokenizer(tok_path)
+    vocab_size = tok.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    eos = eos_id(tok)
+    done = [json.loads(_part_paths(work, job.index)[2].read_text(encoding="utf-8")) for job in jobs]
+    n_read = sum(d["documents"] for d in done)
+    if n_read == 0:
+        raise UserError(f"source {cfg.source!r} yielded no documents; the corpus is empty")
+
+    writers = {name: _SplitWriter(out, name, dtype, cfg.shard_tokens, eos) for name in ("train", "val")}
+    cap = _ValCap(cfg.val_tokens)
+    kept = 0
+    over_cap = {"documents": 0, "document_tokens": 0}
+    parts = _PartTokens([_part_paths(work, job.index)[0] for job in jobs], dtype)
+    try:
+        for records, owner in order.ordered_records([_part_paths(work, job.index)[1] for job in jobs]):
+            if cfg.dedup:  # the first copy of each document in each split (copies are neighbours)
+                first = order.first_copies(records)
+                records, owner = records[first], owner[first]
+            kept += len(records)
+            val_rows = np.flatnonzero(records["val"])
+            within = val_rows[: cap.fitting(records["tokens"][val_rows] + 1)]
+            beyond = val_rows[len(within) :]
+            over_cap["documents"] += len(beyond)
+            over_cap["document_tokens"] += int(records["tokens"][beyond].sum())
+            to_val = np.zeros(len(records), dtype=bool)
+            to_val[within] = True
+            to_train = records["val"] == 0
+            if cfg.val_source is None:  # held out by the hash beyond the cap: trained on, in its place
+                to_train[beyond] = True
+            for name, rows in (("train", np.flatnonzero(to_train)), ("val", np.flatnonzero(to_val))):
+                writers[name].add(parts, owner[rows], records[rows])
+        for writer in writers.values():
+            writer.finish()
+        splits = {name: writer.stats() for name, writer in writers.items()}
+    finally:
+        parts.close()
+        for writer in writers.values():
+            writer.abort()
+    _check_splits(cfg, splits, over_cap)
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": cfg.source,
+        "tokenizer": {"path": "tokenizer.json", "sha256": sha256_file(tok_path), "kind": _tokenizer_kind(cfg)},
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "eos_id": eos,
+        "documents_read": int(n_read),
+        "duplicates_removed": int(n_read - kept),
+        "val_cap": {
+            "val_tokens": cfg.val_tokens,
+            "reached": cap.full,
+            # held out by the hash but past the cap: trained on (or, from a val source, left out)
+            "documents_over": over_cap["documents"],
+            "document_tokens_over": over_cap["document_tokens"],
+            "over_cap_to": "nowhere" if cfg.val_source else "train",
+        },
+        "replaced_invalid_utf8": int(sum(d["replaced_chars"] for d in done)),
+        "splits": splits,
+        "config": cfg.model_dump(mode="json"),
+        "settings": settings,
     }
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _check_splits(cfg: PrepareConfig, splits: dict, over_cap: dict) -> None:
+    if splits["train"]["documents"] == 0:
+        raise UserError("every document went to the val split; lower val_fraction or add documents")
+    if splits["val"]["documents"] == 0 and over_cap["documents"]:
+        raise UserError(f"val_tokens {cfg.val_tokens:,} is smaller than the first val document; raise it")
+    if cfg.val_source and splits["val"]["documents"] == 0:
+        raise UserError(f"val source {cfg.val_source!r} yielded no documents")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -358,6 +662,12 @@ def _discard(out: Path) -> None:
 def _reuse(out: Path, settings: dict, progress: bool) -> dict:
     """The complete dataset in `out` if it was prepared with `settings` and is intact, else UserError."""
     manifest = load_manifest(out)
+    shutil.rmtree(out / "work", ignore_errors=True)  # left by a preparation killed after its manifest
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise UserError(
+            f"{str(out)!r} holds a dataset of format version {manifest['format_version']}, whose document order this "
+            f"version (format {FORMAT_VERSION}) does not reproduce; pass --force to rebuild it, or choose another --out"
+        )
     if "settings" not in manifest:
         raise UserError(
             f"{str(out)!r} holds a dataset from an older smallscale that did not record its settings; "
@@ -393,7 +703,47 @@ def _given_tokenizer(cfg: PrepareConfig) -> bytes | None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def prepare(cfg: PrepareConfig, progress: bool = True, force: bool = False) -> dict:
+class Steps(Protocol):
+    """Where the steps run: here and in a process pool (`_LocalSteps`), or as SLURM jobs (cluster.py)."""
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def map(self, fn: Callable[[_EncodeJob], _EncodeResult], jobs: Sequence[_EncodeJob]) -> list[_EncodeResult]: ...
+
+
+class _LocalSteps:
+    def __init__(self, workers: int, progress: bool):
+        self.workers, self.progress = workers, progress
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def map(self, fn: Callable[[_EncodeJob], _EncodeResult], jobs: Sequence[_EncodeJob]) -> list[_EncodeResult]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        results: list[_EncodeResult] = []
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, disable=not self.progress, transient=False) as bar:
+            task = bar.add_task(f"encoding {len(jobs)} part(s)", total=len(jobs))
+            if self.workers > 1 and len(jobs) > 1:
+                with ProcessPoolExecutor(max_workers=min(self.workers, len(jobs))) as pool:
+                    for res in pool.map(fn, jobs):
+                        results.append(res)
+                        bar.advance(task)
+            else:
+                for job in jobs:
+                    results.append(fn(job))
+                    bar.advance(task)
+        return results
+
+
+def prepare(
+    cfg: PrepareConfig,
+    progress: bool = True,
+    force: bool = False,
+    executor: str = "local",
+    cluster_parameters: dict[str, Any] | None = None,
+) -> dict:
     """Run the whole preparation; returns the manifest (also written to `OUT/manifest.json`).
 
     A complete dataset already in `OUT` is returned as it is if it was prepared with the same
@@ -401,14 +751,28 @@ def prepare(cfg: PrepareConfig, progress: bool = True, force: bool = False) -> d
     work from an earlier attempt with the same settings is resumed, with other settings discarded.
     Holds OUT's lock throughout (smallscale/lock.py): FolderBusy, before anything in OUT is read or
     written, while another process prepares it.
+
+    `executor`: 'local' (this process and `workers` processes), or 'slurm' / 'submitit-local'
+    (smallscale/data/cluster.py: tokenizer, encoding and merge as jobs, with submitit
+    `cluster_parameters` such as {"slurm_partition": "cpu", "timeout_min": 240}). The dataset is the same.
     """
+    if executor not in EXECUTORS:
+        raise UserError(f"executor {executor!r} is unknown; choose one of {', '.join(EXECUTORS)}")
     with hold(Path(cfg.out), "data prepare"):
-        return _prepare_owned(cfg, progress, force)
+        return _prepare_owned(cfg, progress, force, executor, cluster_parameters or {})
 
 
-def _prepare_owned(cfg: PrepareConfig, progress: bool, force: bool) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _steps(executor: str, cfg: PrepareConfig, work: Path, parameters: dict[str, Any], progress: bool) -> Steps:
+    if executor == "local":
+        return _LocalSteps(cfg.workers, progress)
+    try:
+        from smallscale.data.cluster import ArraySteps
+    except ImportError:
+        raise UserError(f"--executor {executor} needs submitit; install it: pip install 'smallscale[study]'") from None
+    return ArraySteps(work / "slurm", parameters, "local" if executor == "submitit-local" else None, cfg.workers, progress)
 
+
+def _prepare_owned(cfg: PrepareConfig, progress: bool, force: bool, executor: str, parameters: dict[str, Any]) -> dict:
     out = Path(cfg.out)
     parts = sources.resolve_parts(cfg.source, cfg.source_options())
     val_parts = sources.resolve_parts(cfg.val_source, cfg.source_options()) if cfg.val_source else []
@@ -428,24 +792,16 @@ def _prepare_owned(cfg: PrepareConfig, progress: bool, force: bool) -> dict:
         _discard(out)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(exist_ok=True)
+    steps = _steps(executor, cfg, work, parameters, progress)
 
     if given_tokenizer is not None:
         if not tok_path.exists():
             atomic_write_bytes(tok_path, given_tokenizer)
     elif not tok_path.exists():
-        tok = train_tokenizer(train_documents(cfg, parts), cfg.tokenizer, cfg.vocab_size, show_progress=progress)
-        if tok.get_vocab_size() <= 3:
-            raise UserError(f"source {cfg.source!r} has no training documents; the corpus is empty")
-        tmp = tok_path.with_name(".tokenizer.json.tmp")
-        tok.save(str(tmp))
-        os.replace(tmp, tok_path)
-    tok = load_tokenizer(tok_path)
-    vocab_size = tok.get_vocab_size()
-    dtype = token_dtype(vocab_size)
-    eos = eos_id(tok)
-    tokenizer_sha256 = sha256_file(tok_path)
+        steps.call(_train_tokenizer_file, cfg, parts, progress and executor == "local")
+    dtype = token_dtype(load_tokenizer(tok_path).get_vocab_size())
     # Written after the tokenizer: a fingerprint names the tokenizer its finished parts were encoded with.
-    atomic_write_json(fp_path, {"settings": work_settings, "tokenizer_sha256": tokenizer_sha256})
+    atomic_write_json(fp_path, {"settings": work_settings, "tokenizer_sha256": sha256_file(tok_path)})
 
     # A val source's documents all go to val (fraction 1), SOURCE's then all to train (fraction 0).
     fractions = [0.0 if cfg.val_source else cfg.val_fraction] * len(parts) + [1.0] * len(val_parts)
@@ -453,66 +809,8 @@ def _prepare_owned(cfg: PrepareConfig, progress: bool, force: bool) -> dict:
         _EncodeJob(i, p, str(work), str(tok_path), cfg.nfc, cfg.seed, fraction, dtype.str)
         for i, (p, fraction) in enumerate(zip([*parts, *val_parts], fractions, strict=True))
     ]
-    results: list[_EncodeResult] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"encoding {len(jobs)} part(s)", total=len(jobs))
-        if cfg.workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=min(cfg.workers, len(jobs))) as pool:
-                for res in pool.map(_encode_part, jobs):
-                    results.append(res)
-                    bar.advance(task)
-        else:
-            for job in jobs:
-                results.append(_encode_part(job))
-                bar.advance(task)
-
-    index_parts = [np.load(_part_paths(work, j.index)[1]) for j in jobs]
-    token_parts = [np.load(_part_paths(work, j.index)[0], mmap_mode="r") for j in jobs]
-    index = np.concatenate(index_parts) if index_parts else np.zeros(0, dtype=INDEX_DTYPE)
-    part_of = np.concatenate([np.full(len(ix), k, dtype=np.int32) for k, ix in enumerate(index_parts)] or [np.zeros(0, np.int32)])
-    n_read = len(index)
-    if n_read == 0:
-        raise UserError(f"source {cfg.source!r} yielded no documents; the corpus is empty")
-
-    keep = np.ones(n_read, dtype=bool)
-    if cfg.dedup:  # first occurrence wins; with a val source, within each split (a hash split keeps copies together)
-        keep[:] = False
-        groups = [np.flatnonzero(index["val"] == v) for v in (0, 1)] if cfg.val_source else [np.arange(n_read)]
-        for rows in groups:
-            _, first = np.unique(index["hash"][rows], return_index=True)
-            keep[rows[first]] = True
-    # Fixed-seed document shuffle: this permutation IS the data order every budget is a prefix of.
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(n_read)
-    order = order[keep[order]]
-    is_val_doc = index["val"][order].astype(bool)
-    split_rows = {"train": order[~is_val_doc], "val": order[is_val_doc]}
-    if len(split_rows["train"]) == 0:
-        raise UserError("every document went to the val split; lower val_fraction or add documents")
-    if cfg.val_source and len(split_rows["val"]) == 0:
-        raise UserError(f"val source {cfg.val_source!r} yielded no documents")
-
-    splits = {}
-    for name, rows in split_rows.items():
-        shards = _write_split(name, rows, index, part_of, token_parts, out, eos, dtype, cfg.shard_tokens)
-        splits[name] = _split_stats(rows, index, shards)
-
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "source": cfg.source,
-        "tokenizer": {"path": "tokenizer.json", "sha256": tokenizer_sha256, "kind": _tokenizer_kind(cfg)},
-        "vocab_size": vocab_size,
-        "dtype": dtype.name,
-        "eos_id": eos,
-        "documents_read": int(n_read),
-        "duplicates_removed": int(n_read - keep.sum()),
-        "replaced_invalid_utf8": int(sum(r.replaced_chars for r in results)),
-        "splits": splits,
-        "config": cfg.model_dump(mode="json"),
-        "settings": settings,
-    }
-    atomic_write_json(out / "manifest.json", manifest)
+    steps.map(_encode_part, jobs)
+    manifest = steps.call(_merge, cfg, settings, jobs)
     shutil.rmtree(work)
     return manifest
 
@@ -556,8 +854,8 @@ def load_manifest(dataset_dir: str | Path) -> dict:
 
 def _manifest_problem(manifest: object) -> str | None:
     """Why `manifest` cannot describe a dataset this version reads, or None."""
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        return f"is not a format-version-{FORMAT_VERSION} dataset manifest"
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
+        return f"is not a dataset manifest of format version {' or '.join(map(str, READABLE_FORMAT_VERSIONS))}"
     try:
         if manifest["dtype"] not in ("uint16", "uint32"):
             return f"has token dtype {manifest['dtype']!r}, not uint16 or uint32"

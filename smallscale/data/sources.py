@@ -30,6 +30,7 @@ calls `check_nonempty`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gzip
 import io
@@ -80,7 +81,7 @@ class Part:
     byte_start: int = 0  # text/jsonl: the part owns the lines whose first byte lies in
     byte_end: int | None = None  # [byte_start, byte_end); None means to the end of the file
     index: int = 0  # parquet: row group; hf: shard index
-    num_shards: int = 1  # hf: number of contiguous shards the dataset is cut into
+    num_shards: int = 1  # hf: number of contiguous shards the dataset is cut into (streaming: its files)
     hf_config: str | None = None
     hf_split: str = "train"
     streaming: bool = False
@@ -334,8 +335,9 @@ def _hf_parts(name: str, opts: SourceOptions) -> list[Part]:
             f"dataset {name!r} has no column {opts.text_field!r} (columns: {', '.join(columns)}); "
             "set text_field to the column that holds the text"
         )
-    if opts.streaming:
-        return [base]
+    if opts.streaming:  # one part per file (shard) of the stream, read by whichever worker takes it
+        num_shards = max(1, dataset.num_shards)
+        return [dataclasses.replace(base, index=i, num_shards=num_shards) for i in range(num_shards)]
     num_shards = max(1, min(dataset.num_rows, math.ceil(dataset.data.nbytes / opts.part_bytes)))
     return [
         Part(
@@ -611,15 +613,13 @@ def _hf_description(part: Part) -> str:
 
 
 def _load_hf(part: Part) -> Any:
-    if part.streaming:
-        return _load_hf_uncached(part.kind, part.path, part.hf_config, part.hf_split, True)
-    return _load_hf_cached(part.kind, part.path, part.hf_config, part.hf_split)
+    return _load_hf_cached(part.kind, part.path, part.hf_config, part.hf_split, part.streaming)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_hf_cached(kind: str, path: str, config: str | None, split: str) -> Any:
-    """Each worker loads the (memory-mapped) dataset once, not once per shard."""
-    return _load_hf_uncached(kind, path, config, split, False)
+def _load_hf_cached(kind: str, path: str, config: str | None, split: str, streaming: bool) -> Any:
+    """Each worker loads the dataset (memory-mapped, or the stream's description) once, not once per shard."""
+    return _load_hf_uncached(kind, path, config, split, streaming)
 
 
 _HF_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -660,7 +660,8 @@ def _read_hf(part: Part, stats: ReadStats | None) -> Iterator[str]:
     dataset = _load_hf(part)
     where = functools.partial(_hf_description, part)
     if part.streaming:
-        for record in dataset:
+        shard = dataset.shard(part.num_shards, part.index) if part.num_shards > 1 else dataset
+        for record in shard:
             yield from _record_docs(_record_value(record, part, where), part, where, stats)
         return
     shard = dataset.shard(part.num_shards, part.index, contiguous=True)
