@@ -19,6 +19,21 @@ A study file (see configs/studies/ for complete examples):
       data.token_budget: tokens
     evals: [heldout, {task: blimp, limit: 10}, {task: length_extrapolation, options: {factors: [1, 2, 4]}}]
 
+A dataset may be a weighted mixture of other datasets of the study (`smallscale/data/mixture.py`):
+
+    datasets:
+      wiki: {source: builtin:wikitext2}                    # a mixture source: its `source:` + prepare options
+      stories: {source: builtin:tinystories}
+      mixed: {mix: {sources: {wiki: 0.5, stories: 0.5}, tokenizer: bpe, vocab_size: 4096}}
+      wiki-only: {mix: {sources: {wiki: 1}, tokenizer: bpe, vocab_size: 4096}}
+
+`mix:` holds the weights by source name and the mixture's own options (`tokenizer`, `vocab_size`,
+`tokenizer_train_bytes`, `train_tokens`, `shard_tokens`); each source keeps its prepare options
+(`split_by`, `val_fraction`, `seed`, ...). A dataset named by some `mix` is a mixture source: it is
+prepared only inside each mixture (with that mixture's tokenizer, into STUDY_DIR/data/<mix>/sources/)
+and no run may train on it alone; a one-source mixture trains on one source with the same held-out
+documents as every mixture that contains it (eval task `heldout_sources`).
+
 An axis key is a dotted run-config path (`model.position`, `optim.lr`, `train.seed`) or a bare
 name: a variable for `derive` expressions (`tokens`, `k`), or `dataset` (a key of `datasets`).
 `grid` takes the Cartesian product of its lists, `zip` pairs its lists element by element, and a
@@ -30,6 +45,16 @@ run's model and the dataset's vocabulary), `seq_len`, `vocab_size`, `n_layer`, `
 `dataset_tokens` (the dataset's train tokens). Example: `train.tokens: 20 * params` (Chinchilla's
 20 tokens per parameter), `data.token_budget: min(train_tokens, dataset_tokens)` (more than one
 epoch where the data runs out; `train_tokens` is the derived `train.tokens` above it).
+
+Repetition (limited data) is a first-class pair of bare axes: `unique_tokens` (the data budget U)
+and `epochs` (passes over it). A run with both gets `data.token_budget = unique_tokens` and
+`train.tokens = round(unique_tokens * epochs)`, unless `derive` sets those keys (derive runs after
+the axes, so its values win). The two go together: one without the other is an error. Example
+(the first blocks of configs/studies/repetition.yaml; blocks cap the largest runs):
+
+    grids:
+      - grid: {model.preset: [cpu-500k, cpu-2m], unique_tokens: [24576, 49152], epochs: [1, 2, 4, 8]}
+      - grid: {model.preset: [cpu-500k, cpu-2m], unique_tokens: [98304], epochs: [1, 2, 4]}
 
 Names that become file or folder names (the study's, its datasets', its evals' result names, run
 ids) must be plain names (`paths.py`): a study file may come from anyone, and `../../x` must not
@@ -103,11 +128,19 @@ AXIS_KEYS = AfterValidator(_axis_keys)
 
 
 class DatasetSpec(Strict):
-    """A dataset of the study: `path` to a prepared dataset, or `source` (+ prepare options)."""
+    """A dataset of the study: `path` to a prepared dataset, `source` (+ prepare options), or `mix`
+    (a weighted mixture of other datasets of the study, `smallscale.data.mixture.study_mixture`)."""
 
     model_config = {"extra": "allow"}  # every `smallscale data prepare` option (PrepareConfig fields)
     path: Annotated[str, AfterValidator(_no_nul)] | None = None
     source: str | None = None
+    mix: dict[str, Any] | None = None
+
+
+def mixture_sources(datasets: dict[str, DatasetSpec]) -> set[str]:
+    """The datasets that some `mix` names as a source: prepared only inside mixtures, never trained on alone."""
+    return {name for ds in datasets.values() if isinstance(ds.mix, dict) and isinstance(ds.mix.get("sources"), dict)
+            for name in ds.mix["sources"]}  # fmt: skip
 
 
 class EvalSpec(Strict):
@@ -193,8 +226,21 @@ def load_study(path: str | Path) -> StudySpec:
     ):
         raise UserError(f"{path}: several datasets; set `dataset:` (the default) or make `dataset` an axis")
     for name, ds in spec.datasets.items():
-        if (ds.path is None) == (ds.source is None):
-            raise UserError(f"{path}: dataset {name!r} needs exactly one of `path` (prepared) or `source`")
+        if sum(x is not None for x in (ds.path, ds.source, ds.mix)) != 1:
+            raise UserError(f"{path}: dataset {name!r} needs exactly one of `path` (prepared), `source` or `mix`")
+        if ds.mix is not None:
+            from smallscale.data.mixture import study_mixture
+
+            if ds.model_extra:
+                raise UserError(f"{path}: dataset {name!r} is a mixture; put {next(iter(ds.model_extra))!r} inside its `mix:`")
+            study_mixture(ds.mix, {n: d.model_dump() for n, d in spec.datasets.items()}, "<study>", f"{path}: dataset {name!r}")
+    sources_only = mixture_sources(spec.datasets)
+    for block in spec.blocks():
+        for point in block_points(block):
+            used = point.get("dataset", spec.dataset or next(iter(spec.datasets)))
+            if isinstance(used, str) and used in sources_only:  # a value of another type: `expand` names it
+                raise UserError(f"{path}: dataset {used!r} is a mixture source, so no run can train on it alone; "
+                                f"make a one-source mixture (`mix: {{sources: {{{used}: 1}}}}`) to train on it")  # fmt: skip
     return spec
 
 
@@ -240,6 +286,13 @@ def expand(
         for key, value in point.items():
             if "." in key:
                 config = deep_merge(config, _nested(key, value))
+        if "unique_tokens" in point or "epochs" in point:  # the repetition pair (module docstring)
+            unique, epochs = point.get("unique_tokens"), point.get("epochs")
+            number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0  # noqa: E731
+            if not (number(unique) and float(unique).is_integer() and number(epochs)):
+                raise UserError(f"study {spec.name}: axes unique_tokens={unique!r} and epochs={epochs!r} go together: a positive "
+                                "whole number of tokens and a positive number of passes over them; give both")  # fmt: skip
+            config = deep_merge(config, {"data": {"token_budget": int(unique)}, "train": {"tokens": round(unique * epochs)}})
         extra = {"dataset_tokens": (dataset_tokens or {}).get(dataset, 2**62)}
         variables = {**_variables(point, config, vocab_sizes[dataset]), **extra}
         derived: dict[str, Any] = {}
