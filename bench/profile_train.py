@@ -16,7 +16,8 @@ the matmul kernels themselves leave; the rest is everything else. The profiler s
 ~10-20%, unevenly (large softmaxes most), so the shares are indicative; the unprofiled step time
 is printed next to them. About 1 minute on 2 cores; results in bench/results/train_profile.json.
 
-Run: `bash dev.sh shell python bench/profile_train.py [--steps 3]`
+Run: `bash dev.sh shell python bench/profile_train.py [--steps 3] [--isa avx2]` (avx2: torch, oneDNN and MKL
+capped at AVX2, as bench_train.py --isa avx2; results in train_profile_avx2.json)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_train import BATCH, SHAPE, Runner, default_case, measure_peaks  # noqa: E402
+from bench_train import BATCH, SHAPE, Runner, default_case, isa_setting, measure_peaks, restrict_isa  # noqa: E402
 
 from smallscale.io import atomic_write_json  # noqa: E402
 from smallscale.launch import allocator_setting, ensure_cpu_allocator_env  # noqa: E402
@@ -55,16 +56,21 @@ def group_of(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
-    parser.add_argument("--out", default="bench/results/train_profile.json")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native", help="avx2: restrict torch, oneDNN and MKL to AVX2")
+    parser.add_argument("--out", default=None, help="default: bench/results/train_profile.json, or train_profile_avx2.json")
     args = parser.parse_args()
+    restrict_isa(args.isa)
+    out = args.out or ("bench/results/train_profile.json" if args.isa == "native" else f"bench/results/train_profile_{args.isa}.json")
 
     import torch
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile
 
+    from smallscale import provenance
+
     inductor_config.cpp.enable_kernel_profile = True  # a profiler record per generated kernel
-    peak = measure_peaks()["bf16"]
     case = default_case()
+    peak = measure_peaks((case.precision,))[case.precision]
     runner = Runner(case, warmup=3)
     times = []
     for _ in range(8):
@@ -89,9 +95,11 @@ def main() -> None:
     result = {
         "command": " ".join(sys.argv),
         "case": case.name,
+        "cpu": provenance.cpu_model(),
+        "setting": isa_setting(),
         "shape": {**SHAPE, "batch": BATCH},
         "allocator": allocator_setting(),
-        "bf16_peak_flops": peak,
+        "peak_flops": peak,
         "step_ms_unprofiled": 1e3 * step_s,
         "mfu": flops_per_step / step_s / peak,
         "profiled_ms_per_step": total,
@@ -101,7 +109,7 @@ def main() -> None:
         "matmul_rate_flops": flops_per_step / matmul_s,
         "top_ops_ms_per_step": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15]),
     }
-    print(f"{case.name}: {1e3 * step_s:.0f} ms/step unprofiled, MFU {result['mfu']:.1%} of the bf16 peak "
+    print(f"{case.name}: {1e3 * step_s:.0f} ms/step unprofiled, MFU {result['mfu']:.1%} of the {case.precision} peak "
           f"({peak / 1e9:.0f} GFLOP/s); profiled {total:.0f} ms/step of self time:")  # fmt: skip
     for name, ms in sorted(per_group.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<10} {ms:7.1f} ms  {ms / total:6.1%}")
@@ -109,8 +117,8 @@ def main() -> None:
           f"own rate, {result['matmul_rate_flops'] / 1e9:.0f} GFLOP/s); top ops (ms/step):")  # fmt: skip
     for name, ms in list(result["top_ops_ms_per_step"].items())[:10]:
         print(f"  {ms:7.1f}  {name[:90]}")
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

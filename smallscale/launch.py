@@ -1,4 +1,5 @@
-"""Process-start settings that must be in force before the first allocation: the CPU allocator.
+"""Process-start settings that must be in force before the first allocation: the CPU allocator and
+the OpenMP wait policy.
 
 glibc malloc serves an allocation above its mmap threshold (128 KiB, rising to at most 32 MiB) with
 a fresh mmap and returns it with munmap on free. A CPU training step allocates and frees its logits
@@ -9,6 +10,9 @@ bench/bench_train.py: 46k page faults and 87 ms of system time per step for smal
 in the heap for reuse: ~0 faults, 1-20 ms of system time, steps 12-16% shorter. glibc reads the
 thresholds once, at process start, hence the re-exec. The cost: the process keeps its peak memory
 until it exits. tcmalloc (LD_PRELOAD) measured the same; it needs a package installed, this does not.
+
+The OpenMP runtime of torch's CPU build (libgomp) reads OMP_WAIT_POLICY when torch is imported: see
+WAIT_POLICY below for the setting and why.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ MALLOC_TUNABLES = (
     f"glibc.malloc.mmap_threshold={MALLOC_THRESHOLD_BYTES}:glibc.malloc.trim_threshold={MALLOC_THRESHOLD_BYTES}"
 )
 _USER_CHOICE_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+WAIT_POLICY = "PASSIVE"
+# Either of these set by the user is their choice of how OpenMP threads wait, and is kept.
+_WAIT_CHOICE_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def allocator_setting(environ: dict[str, str] | None = None) -> str:
@@ -49,20 +56,41 @@ def allocator_setting(environ: dict[str, str] | None = None) -> str:
     return "default"
 
 
-def ensure_cpu_allocator_env(argv: list[str] | None = None) -> None:
-    """Re-exec this process once with glibc malloc thresholds raised (see the module docstring).
+def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables to set before this process allocates or imports torch: the malloc
+    thresholds (unless the allocator is already chosen, see `allocator_setting`) and the OpenMP
+    wait policy (unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT). Empty when all is in force."""
+    env = os.environ if environ is None else environ
+    changes = {}
+    if allocator_setting(env) == "default":
+        previous = env.get("GLIBC_TUNABLES")
+        changes["GLIBC_TUNABLES"] = f"{previous}:{MALLOC_TUNABLES}" if previous else MALLOC_TUNABLES
+    if not any(name in env for name in _WAIT_CHOICE_VARS):
+        changes["OMP_WAIT_POLICY"] = WAIT_POLICY
+    return changes
 
-    Call it first thing in a command-line entry point. Does nothing when the setting is already in
-    force, when the user chose an allocator or malloc settings of their own, off glibc/Linux, or
-    with SMALLSCALE_NO_MALLOC_TUNING=1. `argv` is the full command line to run again (default
+
+def ensure_cpu_allocator_env(argv: list[str] | None = None) -> None:
+    """Put the settings of `launch_env` in force (see the module docstring): set them in this
+    process's environment and re-exec it once, which the malloc thresholds need (glibc reads them
+    at process start). The wait policy takes effect when torch is imported after this call (libgomp
+    reads it as it loads) or through the re-exec; it never causes one by itself, so a caller that
+    imported torch already (a notebook, a test calling `main()`) keeps its process.
+
+    Call it first thing in a command-line entry point. Does nothing when the settings are already
+    in force or chosen by the user. `argv` is the full command line to run again (default
     `sys.orig_argv`: the interpreter and its flags, so `python -m pkg ...` re-runs as itself).
-    On CUDA runs the setting is harmless (host tensors are small) and is applied all the same.
+    On CUDA runs the settings are harmless (host tensors are small, CPU threads mostly idle) and
+    are applied all the same.
     """
-    if allocator_setting() != "default" or not sys.executable:
+    changes = launch_env()
+    reexec = "GLIBC_TUNABLES" in changes and bool(sys.executable)
+    if not changes or ("torch" in sys.modules and not reexec):
+        return
+    os.environ.update(changes)
+    if not reexec:
         return
     argv = list(sys.orig_argv if argv is None else argv)
-    previous = os.environ.get("GLIBC_TUNABLES")
-    os.environ["GLIBC_TUNABLES"] = f"{previous}:{MALLOC_TUNABLES}" if previous else MALLOC_TUNABLES
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *argv[1:]])

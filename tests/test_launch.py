@@ -1,4 +1,5 @@
-"""CPU launch path: the process re-executes itself once with glibc malloc thresholds raised."""
+"""CPU launch path: the process re-executes itself once with glibc malloc thresholds raised, and
+the OpenMP wait policy is set before torch loads libgomp."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from smallscale.launch import MALLOC_TUNABLES, OPT_OUT_VAR, allocator_setting
+from smallscale.launch import MALLOC_TUNABLES, OPT_OUT_VAR, WAIT_POLICY, allocator_setting, launch_env
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc tunables only"
@@ -17,19 +18,22 @@ pytestmark = pytest.mark.skipif(
 # Prints the environment after the call, and a marker per execution of the script.
 SCRIPT = """
 import json, os, sys
+{before}
 print("start", flush=True)
 from smallscale.launch import ensure_cpu_allocator_env
 ensure_cpu_allocator_env()
-print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:], "pid": os.getpid()}))
+{after}
+print(json.dumps({{"tunables": os.environ.get("GLIBC_TUNABLES"), "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                  "argv": sys.argv[1:], "pid": os.getpid()}}))
 """
+_CLEARED = ("GLIBC_TUNABLES", OPT_OUT_VAR, "LD_PRELOAD", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_DISPLAY_ENV")
 
 
-def run(env_changes: dict[str, str | None]) -> tuple[list[str], dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT_VAR, "LD_PRELOAD")}
+def run(env_changes: dict[str, str | None], before: str = "", after: str = "") -> tuple[list[str], dict]:
+    env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
     env.update({k: v for k, v in env_changes.items() if v is not None})
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, "train", "x=1"], env=env, capture_output=True, text=True, check=True
-    )
+    script = SCRIPT.format(before=before, after=after)
+    proc = subprocess.run([sys.executable, "-c", script, "train", "x=1"], env=env, capture_output=True, text=True, check=True)
     lines = proc.stdout.splitlines()
     return lines[:-1], json.loads(lines[-1])
 
@@ -38,7 +42,36 @@ def test_reexecs_once_with_the_malloc_tunables_and_the_same_arguments():
     starts, after = run({})
     assert starts == ["start", "start"]  # the script ran twice: before and after the re-exec
     assert after["tunables"] == MALLOC_TUNABLES
+    assert after["wait_policy"] == WAIT_POLICY
     assert after["argv"] == ["train", "x=1"]
+
+
+def test_nothing_is_left_to_change_after_the_reexec():
+    assert launch_env({}) == {"GLIBC_TUNABLES": MALLOC_TUNABLES, "OMP_WAIT_POLICY": WAIT_POLICY}
+    assert launch_env({"GLIBC_TUNABLES": MALLOC_TUNABLES, "OMP_WAIT_POLICY": WAIT_POLICY}) == {}
+
+
+def test_the_wait_policy_reaches_openmp_when_torch_is_imported_after_the_call():
+    # malloc opted out: no re-exec is needed; libgomp prints its settings as torch loads it
+    env = {OPT_OUT_VAR: "1", "OMP_DISPLAY_ENV": "VERBOSE"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(before="", after="import torch")],
+                          env={**{k: v for k, v in os.environ.items() if k not in _CLEARED}, **env},
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert proc.stdout.splitlines()[0] == "start"  # ran once
+    assert "GOMP_SPINCOUNT = '0'" in proc.stderr  # PASSIVE: no spinning (libgomp's default: 300000 rounds)
+
+
+def test_never_reexecs_for_the_wait_policy_alone_when_torch_is_already_imported():
+    # a caller that imported torch (a notebook, a test calling cli.main) keeps its process
+    starts, after = run({OPT_OUT_VAR: "1"}, before="import torch")
+    assert starts == ["start"]
+    assert after["wait_policy"] is None and after["tunables"] is None
+
+
+@pytest.mark.parametrize("env", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}])
+def test_keeps_the_wait_policy_the_user_chose(env):
+    _, after = run(env)
+    assert after["wait_policy"] == env.get("OMP_WAIT_POLICY")
 
 
 def test_keeps_other_glibc_tunables_the_user_set():

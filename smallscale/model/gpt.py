@@ -142,6 +142,18 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def reorder(self, index: Tensor) -> None:
+        """Make row i of every layer's keys and values a copy of row index[i] (index: (B',) long, on
+        the cache's device). B' may differ from B: beam search expands each prefilled prompt row into
+        its beams and, each step, keeps the rows of the beams that survive. Only the `length` filled
+        positions are copied."""
+        for tensors in (self.keys, self.values):
+            for layer, t in enumerate(tensors):
+                kept = t[index, :, : self.length]  # (B', nh, length, hs)
+                if len(index) != t.size(0):
+                    t = tensors[layer] = t.new_zeros(len(index), *t.shape[1:])
+                t[:, :, : self.length] = kept
+
 
 class _RMSNormFunction(torch.autograd.Function):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, statistics in fp32, output in
@@ -189,14 +201,61 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
+CpuKind = Literal["amx", "avx512", "avx2"]
+FastPath = Literal["matmul_attention", "transposed_head_grad"]
+
+
+def detect_cpu_kind() -> CpuKind:
+    """This CPU as torch's kernels see it: 'avx2' when ATen dispatches below AVX-512 (an AVX2-only
+    CPU, or ATEN_CPU_CAPABILITY=avx2), else 'amx' with AMX tiles, else 'avx512'."""
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        return "avx2"
+    return "amx" if torch.cpu._is_amx_tile_supported() else "avx512"
+
+
+# Fixed for the life of the process (torch reads ATEN_CPU_CAPABILITY once); a module constant, so
+# torch.compile guards on it instead of tracing the probe.
+CPU_KIND: CpuKind = detect_cpu_kind()
+
+
+def use_fast_path(name: FastPath, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether training on `device_type` with matmuls in `dtype` (the autocast dtype under autocast)
+    takes the hand-written form of `name` rather than plain PyTorch: the one place these choices are
+    made. Numbers: forward + backward, one thread's CPU time (which other processes on a shared
+    machine do not stretch), median, torch 2.13, AMD EPYC (Zen 5, AVX-512 + AVX512-BF16, no AMX) native
+    and capped at AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2),
+    bench/bench_components.py --only fast_paths --cpu-time [--isa avx2], at the bench_train.py shape
+    (16 x 256 tokens, d_model 256, 4 heads, vocab 8192); the preset shapes (cpu-500k, cpu-2m, cpu-6m)
+    agree unless said otherwise. Two-thread wall-clock runs (without --cpu-time, on the same machine
+    shared at load 6-9) point the same way at most shapes, with more noise.
+
+    The other custom functions beat their plain form in every setting, so they have no plain branch:
+    `_LinearCrossEntropy` against F.cross_entropy on the logits (AVX2 fp32 541 vs 560 ms, AVX-512
+    fp32 543 vs 566, bf16 148 vs 183), `_RMSNormFunction` against F.rms_norm (2.1 vs 3.1 ms, 2.4 vs
+    3.7, 2.5 vs 3.8) and positions' `_Rotary` against transformers' rotate_half expression (4.2 vs
+    4.9 ms, 4.7 vs 5.4, 2.7 vs 3.0; the one exception, cpu-500k on AVX2, is 1.09 vs 1.02 ms).
+    """
+    if device_type != "cpu":
+        return False  # not measured off CPU: SDPA, and autograd's own layout for the head gradient
+    if name == "matmul_attention":
+        # bf16: SDPA's flash backward is slow: 47.4 ms against 17.7 for two batched matmuls and a
+        # softmax (cpu-2m shape 34.7 vs 14.4). fp32: SDPA is faster, with AVX-512 (45.9 vs 48.6 ms;
+        # cpu-500k 11.7 vs 17.4) and on AVX2 (45.6 vs 47.8; cpu-500k 12.2 vs 16.1).
+        return dtype == torch.bfloat16
+    # transposed_head_grad: (h^T.contiguous() @ dlogits)^T against autograd's dlogits^T @ h for
+    # the output head's weight gradient. Faster only with AMX bf16 (Intel Xeon, AMX: 13 vs 17 ms);
+    # slower with AVX512-BF16 (48.1 vs 46.5 ms; cpu-6m 20.6 vs 18.0), in fp32 with AVX-512 (179.9
+    # vs 174.7) and on AVX2 (177.7 vs 170.2; at cpu-500k 21.1 vs 23.2 the other way).
+    return name == "transposed_head_grad" and dtype == torch.bfloat16 and CPU_KIND == "amx"
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, dropout_p: float) -> Tensor:
     """softmax(q k^T / sqrt(hs) + mask) v for q (B, nh, T, hs), k and v (B, nh, S, hs) -> (B, nh, T, hs).
 
-    F.scaled_dot_product_attention everywhere but in one case: causal bf16 training on CPU, where
-    torch's flash-attention backward is slow (2.13, one core, B*nh=64, T=256, hs=64: 52 ms forward +
-    backward, against 27 ms for the same attention as two batched matmuls and a softmax).
+    F.scaled_dot_product_attention, except in causal training where `use_fast_path` picks two
+    batched matmuls and a softmax (`_matmul_causal_attention`).
     """
-    if is_causal and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and dropout_p == 0.0:
+    if is_causal and q.requires_grad and dropout_p == 0.0 and use_fast_path("matmul_attention", q.device.type, q.dtype):
         return _matmul_causal_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
 
@@ -276,11 +335,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = (grad_logits @ weight).to(ctx.dtypes[0])  # (N, C)
             grad_h = grad_h if scale is None else grad_h.mul_(scale)
         if ctx.needs_input_grad[1]:
-            # as (h^T @ grad_logits)^T with h^T made contiguous: 13 ms against 17 ms for
-            # grad_logits^T @ h (bf16, N 4096, C 256, V 8192; bench/bench_components.py, 'head_grad').
-            # The result is made contiguous: a transposed gradient made the bench step ~12 ms slower
-            # (tied-embedding accumulation and optimizer; measured once, A/B of the whole step).
-            grad_w = (h.t().contiguous() @ grad_logits).t()
+            if use_fast_path("transposed_head_grad", h.device.type, grad_logits.dtype):
+                grad_w = (h.t().contiguous() @ grad_logits).t()
+            else:
+                grad_w = grad_logits.t() @ h
+            # contiguous: a transposed gradient made the bench step ~12 ms slower (tied-embedding
+            # accumulation and optimizer; Intel Xeon with AMX, measured once, A/B of the whole step)
             grad_w = grad_w.to(ctx.dtypes[1], memory_format=torch.contiguous_format)  # (V, C)
             grad_w = grad_w if scale is None else grad_w.mul_(scale)
         return grad_h, grad_w, None
