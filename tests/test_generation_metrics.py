@@ -1,5 +1,5 @@
 """Generation metrics: sacrebleu parity with its command line, the diversity measures on known
-answers, and `run_generation` end to end on a tiny prepared dataset."""
+answers, and `run_generation` end to end on a tiny prepared dataset (fixed length, EOS suppressed)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ import pytest
 import torch
 
 from smallscale.data.shards import PrepareConfig, prepare
-from smallscale.data.tokenizer import load_tokenizer
+from smallscale.data.tokenizer import eos_id, load_tokenizer
 from smallscale.errors import UserError
-from smallscale.eval.tasks.generation import distinct_n, repetition_rate, run_generation, self_bleu, text_metrics
+from smallscale.eval.tasks.generation import (
+    distinct_n,
+    repetition_rate,
+    run_generation,
+    self_bleu,
+    text_metrics,
+)
 from smallscale.model.gpt import GPT, GPTConfig
 from tests.conftest import SHARED_DATA, synthetic_docs
 
@@ -134,23 +140,45 @@ def test_run_generation_writes_samples_and_scores(ascii_dataset, tmp_path):
     lines = (tmp_path / "a" / "samples.jsonl").read_text(encoding="utf-8").splitlines()
     samples = [json.loads(line) for line in lines]
     assert len(samples) == result["n"] == 12 and result["n_eligible"] >= 12
-    assert set(samples[0]) == {"doc_index", "prompt", "continuation", "reference", "new_tokens", "ended_at_eos", "settings"}
+    assert set(samples[0]) == {"doc_index", "prompt", "continuation", "reference", "new_tokens", "eos_probability", "settings"}
     settings = samples[0]["settings"]
     assert {k: settings[k] for k in ("seed", "temperature", "top_k", "top_p", "max_new_tokens")} == {
         "seed": 1, "temperature": 0.8, "top_k": None, "top_p": 0.95, "max_new_tokens": 10,
     }
+    assert settings["eos"].startswith("suppressed")
     indices = [s["doc_index"] for s in samples]
     assert indices == sorted(set(indices))
     for s in samples:
         assert any(doc.startswith(s["prompt"] + s["reference"]) for doc in docs)  # true prompt + true next tokens
-        assert len(tok.encode(s["prompt"]).ids) == 8 and 0 <= s["new_tokens"] <= 10
-    for key in ("chrf", "chrfpp", "bleu", "distinct_1", "distinct_2", "self_bleu", "repetition_4", "signatures"):
+        assert len(tok.encode(s["prompt"]).ids) == 8 and len(tok.encode(s["reference"]).ids) == 10
+        assert s["new_tokens"] == 10 and 0 < s["eos_probability"] < 1
+    for key in ("chrf", "chrfpp", "bleu", "distinct_1", "distinct_2", "self_bleu", "repetition_4", "eos_probability", "signatures"):
         assert key in result
     assert list((tmp_path / "a").iterdir()) == [tmp_path / "a" / "samples.jsonl"]  # no temp files left
 
     again = run_generation(model, tok, dataset, tmp_path / "b", n_prompts=12, prompt_tokens=8, new_tokens=10, seed=1)
     assert (tmp_path / "b" / "samples.jsonl").read_text() == (tmp_path / "a" / "samples.jsonl").read_text()
     assert again["chrf"] == result["chrf"]
+
+
+def test_a_model_that_wants_to_stop_still_writes_the_reference_length(ascii_dataset, tmp_path):
+    # The length confound: a model that puts nearly all its mass on EOS would, free to stop, write
+    # nothing and score chrF ~0. Suppressed, it writes exactly new_tokens tokens; its wish to stop
+    # shows in eos_probability.
+    dataset, _ = ascii_dataset
+    tok = load_tokenizer(dataset / "tokenizer.json")
+    model = tiny_model(tok.get_vocab_size())
+    eos = eos_id(tok)
+
+    def prefer_eos(module, args, output):
+        return output._replace(logits=output.logits.index_fill(-1, torch.tensor([eos]), 30.0))
+
+    model.register_forward_hook(prefer_eos)
+    result = run_generation(model, tok, dataset, tmp_path, n_prompts=6, prompt_tokens=8, new_tokens=12, seed=0)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [s["new_tokens"] for s in samples] == [12] * 6  # twelve tokens, none of them EOS
+    assert all(s["continuation"] for s in samples)
+    assert result["eos_probability"] > 0.99
 
 
 def test_run_generation_rejects_impossible_requests(ascii_dataset, tmp_path):

@@ -11,13 +11,26 @@ conditioned on exactly the prompt it is reported with.
 Prompts in one call share a length (no padding): the model has no padding mask, and left-padding
 would shift every absolute position and let the row attend to the pads. `generate_text` therefore
 batches prompts of equal token length together, so each row decodes exactly as it would alone.
+
+Beam search (`beam_search`; prompts of one length searched together, their beams as the batch
+rows): each step extends every live beam of a prompt by every token and keeps the `beam_size` best
+extensions by summed log-probability; an extension by EOS that ranks among the best `beam_size`
+ends a hypothesis, which is set aside with its score = summed log-probability / (new tokens, EOS
+included) ** length_penalty (the length normalisation of fairseq and Hugging Face; 1.0, their
+default, is the mean log-probability per token; 0 is the plain sum, which favours short outputs).
+A prompt's search stops once `beam_size` of its hypotheses have ended (fairseq's rule) or after
+max_new_tokens, when its live beams count as unfinished hypotheses; the best score wins. With the
+cache, the rows of the beams that survive a step are gathered (`KVCache.reorder`) before the next
+token runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor
 
@@ -183,3 +196,105 @@ def cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
     if eos_id is None or eos_id not in ids:
         return ids
     return ids[: ids.index(eos_id)]
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One output of beam search."""
+
+    tokens: list[int]  # the new tokens, ending with EOS when `finished`
+    logprob: float  # summed natural-log probability of `tokens` after the prompt
+    score: float  # logprob / len(tokens) ** length_penalty: what hypotheses are ranked by
+    finished: bool  # ended with EOS (else stopped at max_new_tokens)
+
+
+@torch.no_grad()
+def beam_search(
+    model: GPT,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    beam_size: int = 4,
+    eos_id: int | None = None,
+    length_penalty: float = 1.0,
+    use_cache: bool = True,
+) -> list[Hypothesis]:
+    """The best continuation of each prompt row of input_ids (B, T) by beam search (see the module
+    docstring), in row order. The prompts share a length, as in `generate`; their beams run as one
+    batch of up to B * beam_size rows, and a prompt's rows leave the batch when its search stops.
+    Without eos_id no hypothesis ends early. beam_size 1 is greedy decoding. The model runs in eval
+    mode and gets its previous mode back afterwards."""
+    if input_ids.dim() != 2 or input_ids.numel() == 0 or input_ids.dtype != torch.long:
+        raise UserError(
+            f"input_ids must be a non-empty (batch, tokens) long tensor, got shape {tuple(input_ids.shape)} "
+            f"and dtype {input_ids.dtype}"
+        )
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1 for beam search, got {max_new_tokens}")
+    if beam_size < 1:
+        raise UserError(f"beam_size must be >= 1, got {beam_size}")
+    if not length_penalty >= 0:
+        raise UserError(f"length_penalty must be >= 0 (1 = mean log-probability per token), got {length_penalty}")
+    if beam_size >= model.cfg.vocab_size:
+        raise UserError(f"beam_size {beam_size} must be smaller than the vocabulary ({model.cfg.vocab_size} tokens)")
+    n_prompts, T = input_ids.shape
+    check_length(model, T, max_new_tokens)
+
+    device = model.tok_emb.weight.device
+    prompts = input_ids.to(device)
+    active = list(range(n_prompts))  # prompts still searching; each owns `width` consecutive rows
+    width = 1  # live beams per active prompt: the prompt itself before the first step
+    live = torch.empty(n_prompts, 0, dtype=torch.long, device=device)  # (rows, n) new tokens of the live beams
+    live_logprob = torch.zeros(n_prompts, device=device)  # (rows,) their summed log-probabilities
+    ended: list[list[Hypothesis]] = [[] for _ in range(n_prompts)]
+
+    def hypothesis(row: int, token: int, logprob: float, finished: bool) -> Hypothesis:
+        tokens = [*live[row].tolist(), token]
+        return Hypothesis(tokens, logprob, logprob / len(tokens) ** length_penalty, finished)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.make_cache(n_prompts, max_len=T + max_new_tokens) if use_cache else None
+        logits = model(prompts, cache=cache).logits[:, -1]  # (rows, V)
+        for step in range(max_new_tokens):
+            last_step = step == max_new_tokens - 1
+            logprobs = F.log_softmax(logits.float(), dim=-1)  # (rows, V)
+            vocab = logprobs.size(-1)
+            extended = (live_logprob[:, None] + logprobs).view(len(active), width * vocab)  # every beam x every token
+            # 2 * beam_size candidates per prompt: at most width <= beam_size end in EOS, so beam_size stay live
+            top_logprob, top_index = extended.topk(min(2 * beam_size, width * vocab), dim=-1)  # (prompts, 2 * beam_size)
+            top_rows = (top_index // vocab + torch.arange(len(active), device=device)[:, None] * width).tolist()
+            top_tokens, top_values = (top_index % vocab).tolist(), top_logprob.tolist()
+            survivors: list[tuple[int, int, float]] = []  # (row extended, token, summed log-probability)
+            still_active = []
+            for slot, prompt in enumerate(active):
+                keep = []
+                for rank, (row, token, value) in enumerate(zip(top_rows[slot], top_tokens[slot], top_values[slot])):
+                    if token == eos_id:
+                        if rank < beam_size:  # an EOS outside the best beam_size is dropped, as in fairseq
+                            ended[prompt].append(hypothesis(row, token, value, finished=True))
+                    elif len(keep) < beam_size:
+                        keep.append((row, token, value))
+                if last_step:
+                    ended[prompt] += [hypothesis(row, token, value, finished=False) for row, token, value in keep]
+                elif len(ended[prompt]) < beam_size:
+                    assert len(keep) == beam_size, "a vocabulary larger than beam_size leaves beam_size live candidates"
+                    survivors += keep
+                    still_active.append(prompt)
+            if not still_active:
+                break
+            active, width = still_active, beam_size
+            source_rows = torch.tensor([row for row, _, _ in survivors], device=device)  # (rows',) the beam each survivor extends
+            new_tokens = torch.tensor([token for _, token, _ in survivors], device=device)  # (rows',)
+            live = torch.cat([live[source_rows], new_tokens[:, None]], dim=1)
+            live_logprob = torch.tensor([value for _, _, value in survivors], device=device)
+            if cache is not None:
+                cache.reorder(source_rows)
+                logits = model(new_tokens[:, None], cache=cache).logits[:, -1]
+            else:
+                prompt_rows = torch.tensor(active, device=device).repeat_interleave(width)
+                logits = model(torch.cat([prompts[prompt_rows], live], dim=1)).logits[:, -1]
+    finally:
+        model.train(was_training)
+    assert all(ended), "every search ends at least one hypothesis"
+    return [max(hypotheses, key=lambda h: h.score) for hypotheses in ended]

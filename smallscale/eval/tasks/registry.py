@@ -3,7 +3,8 @@
 Names: the built-in tasks in `TASKS`, or `generic:PATH` for a spec file (see `generic.py`).
 Every task returns a JSON-serialisable dict: its metrics, `n`, and `settings` (prompt, scoring,
 normalisation, limit, batch size, data files with sha256) so a number can be traced to how it was
-made. `run_task` adds the run, checkpoint and wall time; `save_result` writes RUN_DIR/eval/<task>.json.
+made. `run_task` adds the run, checkpoint, wall time and the energy and CO2 CodeCarbon measured
+(smallscale/energy.py); `save_result` writes RUN_DIR/eval/<task>.json.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from typing import Any
 
 import torch
 
+from smallscale.energy import EnergyMeter, run_energy_config
 from smallscale.errors import UserError
 from smallscale.eval.runs import LoadedRun
 from smallscale.eval.tasks.classification import CLASSIFICATION_TASKS, run_finetune, run_zero_shot
 from smallscale.eval.tasks.generation import run_generation
 from smallscale.eval.tasks.generic import run_generic
+from smallscale.eval.tasks.heldout_sources import run_heldout_sources
 from smallscale.eval.tasks.minimal_pairs import run_blimp
 from smallscale.eval.tasks.multiple_choice import run_arc_easy, run_hellaswag, run_piqa, run_winogrande
 from smallscale.eval.tasks.perplexity import TEXT_TASKS, run_heldout, run_length_extrapolation, run_text_task
+from smallscale.eval.tasks.translation import TRANSLATION_TASKS, run_translation
 from smallscale.io import atomic_write_json
 from smallscale.paths import check_name
 
@@ -53,6 +57,12 @@ def _heldout(run: LoadedRun, data_root=None, limit=None, batch_size=None, device
     return run_heldout(run.model, run.tokenizer, run.dataset_dir, batch_size=batch_size or 16, device=device, **opts)
 
 
+def _heldout_sources(run: LoadedRun, data_root=None, limit=None, batch_size=None, device=None, **opts) -> dict:
+    # limit = documents per source (the same documents under every tokenizer)
+    return run_heldout_sources(run.model, run.tokenizer, run.dataset_dir, batch_size=batch_size or 16, device=device,
+                               **({"max_documents": limit} if limit else {}), **opts)  # fmt: skip
+
+
 def _length_extrapolation(run: LoadedRun, data_root=None, limit=None, batch_size=None, device=None, **opts) -> dict:
     return run_length_extrapolation(run.model, run.tokenizer, run.dataset_dir, device=device,
                                     **({"batch_size": batch_size} if batch_size else {}), **opts)  # fmt: skip
@@ -64,11 +74,21 @@ def _generation(run: LoadedRun, data_root=None, limit=None, batch_size=None, dev
                           device=device or "cpu", **({"batch_size": batch_size} if batch_size else {}), **opts)  # fmt: skip
 
 
+def _translation(name: str, run: LoadedRun, data_root=None, limit=None, batch_size=None, device=None, **opts) -> dict:
+    # fine-tunes a copy of the run's model; writes RUN_DIR/eval/<task>_samples.jsonl (source, reference, greedy, beam).
+    # --batch-size is the decoding batch, as for every other task; the fine-tuning batch (a fixed
+    # hyper-parameter, TranslationConfig.batch_size) changes only through the task's options.
+    return run_translation(name, run.model, run.tokenizer, data_root=data_root, device=device or "cpu", limit=limit,
+                           out_dir=Path(run.run_dir) / "eval", **({"eval_batch_size": batch_size} if batch_size else {}), **opts)  # fmt: skip
+
+
 # Tasks that need the run itself (its dataset, its folder), not only model and tokenizer.
 RUN_TASKS: dict[str, Callable[..., dict]] = {
     "heldout": _heldout,
+    "heldout_sources": _heldout_sources,  # a mixture's per-source val splits (in-domain); option max_documents
     "length_extrapolation": _length_extrapolation,  # option factors=[1,2,4]
     "generation": _generation,
+    **{name: partial(_translation, name) for name in TRANSLATION_TASKS},  # limit = test sentences per set
     **{f"{name}_finetune": partial(_finetune, name) for name in CLASSIFICATION_TASKS},
 }
 GENERIC_PREFIX = "generic:"
@@ -105,19 +125,23 @@ def run_task(
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of examples, got {limit}")
     given = {"limit": limit, "batch_size": batch_size}
-    started = time.perf_counter()
-    if name in RUN_TASKS:
-        result = RUN_TASKS[name](run, data_root=data_root, limit=limit, batch_size=batch_size, device=device, **task_options)
-    else:
-        task = get_task(name)
-        result = task(run.model, run.tokenizer, data_root=data_root, device=device, **{k: v for k, v in given.items() if v is not None}, **task_options)
+    task = None if name in RUN_TASKS else get_task(name)  # an unknown name fails before any work
+    # CodeCarbon around the task, as around training (the run's train.energy; its log in RUN_DIR/eval)
+    with EnergyMeter(run_energy_config(run.run_dir), Path(run.run_dir) / "eval") as meter:
+        started = time.perf_counter()
+        if task is None:
+            result = RUN_TASKS[name](run, data_root=data_root, limit=limit, batch_size=batch_size, device=device, **task_options)
+        else:
+            result = task(run.model, run.tokenizer, data_root=data_root, device=device, **{k: v for k, v in given.items() if v is not None}, **task_options)
+        wall_s = round(time.perf_counter() - started, 3)
     return {
         **result,
         "task": name,
         "run_dir": str(run.run_dir),
         "checkpoint": run.checkpoint.name,
         "step": run.step,
-        "wall_s": round(time.perf_counter() - started, 3),
+        "wall_s": wall_s,
+        "energy": meter.fields,  # nested: results.py reads top-level numbers of a result as its metrics
     }
 
 
