@@ -6,7 +6,9 @@ Two architectures map exactly:
 Embeddings may be tied or untied in both. Anything else is refused rather than approximated.
 
 `to_hf` converts a model in memory; `export_hf` turns a run directory into a folder that
-`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline.
+`AutoModelForCausalLM.from_pretrained`, `AutoTokenizer.from_pretrained` and
+`pipeline("text-generation")` load offline, with a model card (README.md, model_card.py);
+`push_to_hub` uploads such a folder to the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from smallscale.data.tokenizer import to_transformers
 from smallscale.errors import UserError
 from smallscale.eval.runs import load_run
 from smallscale.model.gpt import GPT, GPTConfig
+from smallscale.model_card import model_card
 
 if TYPE_CHECKING:
     import transformers
@@ -165,9 +168,14 @@ def to_hf(model: GPT) -> transformers.PreTrainedModel:
 EXPORT_RECORD = "smallscale_export.json"
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = None, overwrite: bool = False) -> Path:
+def export_hf(
+    run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = None, overwrite: bool = False, *,
+    name: str | None = None, license_id: str = "unknown", languages: list[str] | None = None,
+) -> Path:  # fmt: skip
     """Write the model of `run_dir` (its latest complete checkpoint, or `checkpoint`) with its tokenizer
-    as a Hugging Face folder at `out_dir`, plus `smallscale_export.json` naming the source run.
+    as a Hugging Face folder at `out_dir`, plus `smallscale_export.json` naming the source run and a
+    model card README.md (`name`, default the folder's name; `license_id` and `languages` for its
+    front matter, the languages by default those of a built-in corpus).
 
     The folder is assembled next to `out_dir` and renamed into place, so `out_dir` is either absent
     or complete. An existing non-empty `out_dir` is an error unless `overwrite`. Returns `out_dir`.
@@ -203,6 +211,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None =
             "smallscale_version": smallscale.__version__,
         }
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        card = model_card(run.run_dir, run.model_cfg, run.dataset_dir, record["architecture"], run.checkpoint.name, run.step,
+                          name=name or out_dir.name, license_id=license_id, languages=languages)  # fmt: skip
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -221,3 +232,26 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     elif old is not None:
         old.unlink()
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload an exported folder to the Hugging Face Hub as model repository `repo_id` (created if
+    it does not exist); returns the commit URL. The token comes from `token`, else HF_TOKEN or
+    `hf auth login`. Hub errors (no token, no permission, no network) are UserErrors naming the repo."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    folder = Path(folder)
+    if not (folder / EXPORT_RECORD).is_file():
+        raise UserError(f"{str(folder)!r} is not an exported folder (no {EXPORT_RECORD}); export it first with `smallscale export`")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder,
+                                   commit_message=f"Upload {folder.name} (smallscale export)")  # fmt: skip
+    except LocalTokenNotFoundError:
+        raise UserError(f"pushing to {repo_id!r} needs a Hugging Face token: set HF_TOKEN or run `hf auth login`") from None
+    except Exception as exc:  # the Hub client's HTTP, network and permission errors share no narrower base class
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"pushing to {repo_id!r} failed: {type(exc).__name__}: {first_line}") from None
+    return str(commit.commit_url)

@@ -72,7 +72,7 @@ def test_exported_folder_loads_with_auto_classes_and_gives_the_same_logits(make_
 
     text = shakespeare_lines()
     ids = ours.tokenizer.encode(text).ids
-    assert hf_tokenizer(text)["input_ids"] == ids  # no BOS added, same merges
+    assert hf_tokenizer(text)["input_ids"] == [2, *ids]  # the EOS every document follows, then the same merges
     assert hf_tokenizer.decode(ids) == text
     windows = torch.tensor(ids[: 3 * 32]).view(3, 32)  # three full contexts of real text
     with torch.no_grad():
@@ -86,12 +86,12 @@ def test_exported_folder_carries_special_tokens_and_its_source(make_run, tmp_pat
     folder = export_hf(run_dir, tmp_path / "hf")
     hf_model = AutoModelForCausalLM.from_pretrained(folder)
     hf_tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert (hf_tokenizer.pad_token, hf_tokenizer.bos_token, hf_tokenizer.eos_token) == ("<|pad|>", "<|bos|>", "<|eos|>")
-    assert (hf_model.config.pad_token_id, hf_model.config.bos_token_id, hf_model.config.eos_token_id) == (0, 1, 2)
+    assert (hf_tokenizer.pad_token, hf_tokenizer.bos_token, hf_tokenizer.eos_token) == ("<|pad|>", "<|eos|>", "<|eos|>")
+    assert (hf_model.config.pad_token_id, hf_model.config.bos_token_id, hf_model.config.eos_token_id) == (0, 2, 2)
     assert hf_model.generation_config.eos_token_id == 2
     assert hf_tokenizer.model_max_length == 32
     # text spelling a special token stays text, as in smallscale's tokenizer
-    assert 2 not in hf_tokenizer("the <|eos|> cat")["input_ids"]
+    assert 2 not in hf_tokenizer("the <|eos|> cat")["input_ids"][1:]  # only the leading one
     record = json.loads((folder / EXPORT_RECORD).read_text())
     assert record["source_run"] == str(run_dir.resolve())
     assert (record["checkpoint"], record["step"]) == ("step-00000003", 3)

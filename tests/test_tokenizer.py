@@ -36,8 +36,10 @@ def test_swahili_tokenizer_is_lossless_with_specials_and_fertility(kind, tmp_pat
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     hf = to_transformers(path)
-    assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id) == (2, 0, 1)
-    assert hf(TRICKY)["input_ids"] == load_tokenizer(path).encode(TRICKY).ids
+    assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id) == (2, 0, 2)  # EOS starts a text, as GPT-2's
+    ids = load_tokenizer(path).encode(TRICKY).ids
+    assert hf(TRICKY)["input_ids"] == [2, *ids]  # after the EOS every training document follows
+    assert hf(TRICKY, add_special_tokens=False)["input_ids"] == ids
 
 
 def test_unknown_kind_and_tiny_vocab_are_user_errors():

@@ -112,11 +112,18 @@ def special_ids(tok: Tokenizer) -> dict[str, int | None]:
 
 
 def to_transformers(tok_path: str | Path):  # -> transformers.PreTrainedTokenizerFast
-    """The same tokenizer as a `transformers` fast tokenizer (for export and lm-eval)."""
+    """The same tokenizer as a `transformers` fast tokenizer (for export), which encodes text as a
+    smallscale model reads it: after the EOS every training document follows. Like GPT-2's
+    <|endoftext|>, EOS is also the BOS token, added in front of each text when special tokens are
+    added (transformers' default, as in `pipeline` and `generate`)."""
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     raw = Tokenizer.from_file(str(tok_path))
-    roles = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+    eos = eos_id(raw)
+    eos_name = raw.id_to_token(eos)
+    raw.post_processor = TemplateProcessing(single=f"{eos_name} $A", pair=f"{eos_name} $A {eos_name} $B", special_tokens=[(eos_name, eos)])
+    roles = {"pad_token": PAD, "eos_token": eos_name, "unk_token": UNK}
     present = {role: name for role, name in roles.items() if raw.token_to_id(name) is not None}
     # split_special_tokens: like `encode_special_tokens` here, text spelling "<|eos|>" stays text.
-    return PreTrainedTokenizerFast(tokenizer_file=str(tok_path), split_special_tokens=True, **present)
+    return PreTrainedTokenizerFast(tokenizer_object=raw, split_special_tokens=True, bos_token=eos_name, **present)
