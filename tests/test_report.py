@@ -142,7 +142,8 @@ def test_position_effect_is_recovered_with_its_interval(findings):
     assert effect["n_pairs"] == 3
     assert effect["mean"] == pytest.approx(0.05, abs=1e-9)
     assert effect["lo"] < 0.05 < effect["hi"] and effect["hi"] - effect["lo"] < 0.02
-    assert "**rope beats learned by 0.050 bits/byte**" in pos["finding"]
+    assert "**rope beats learned by 0.050 bits/byte**: learned − rope = +0.050 bits/byte (95% CI" in pos["finding"]
+    assert "n = 3 pairs, excludes 0)" in pos["finding"]
     assert pos["length_extrapolation"]["learned"]["4x"] is None
     assert pos["length_extrapolation"]["rope"]["4x"] - pos["length_extrapolation"]["rope"]["1x"] == pytest.approx(0.06)
 
@@ -150,7 +151,8 @@ def test_position_effect_is_recovered_with_its_interval(findings):
 def test_the_planted_smaller_beats_larger_case_is_stated(findings):
     cases = findings["data_efficiency"]["smaller_beats_larger"]
     assert [(c["smaller"], c["larger"], c["tokens"]) for c in cases] == [("m (4M)", "l (16M)", 2e6)]
-    assert "m (4M) beats the larger l (16M)" in findings["data_efficiency"]["finding"]
+    assert "m (4M) beats the larger l (16M) by " in findings["data_efficiency"]["finding"]
+    assert "1 and 1 seeds: one seed — not a finding" in findings["data_efficiency"]["finding"]  # the planted case has one seed
     assert findings["data_efficiency"]["reference"]["position"] == "rope"
 
 
@@ -162,6 +164,9 @@ def test_lion_beats_adamw_on_loss_speed_and_memory(findings):
     assert opt["tokens_to_target"]["lion"]["mean"] < 0.9  # planted: lion's curve decays 1.5x faster
     assert opt["memory"]["adamw"]["bytes_per_param"] == pytest.approx(8)
     assert opt["memory"]["lion"]["bytes_per_param"] == pytest.approx(4)
+    # no lr sweep in the study: the planted advantage is reported, but not as a finding
+    assert opt["lr_tuning"] == {"adamw": "lr not tuned in this study", "lion": "lr not tuned in this study"}
+    assert "**not a finding** (lr not tuned in this study for adamw, lion)" in opt["finding"]
 
 
 def test_scaling_fit_has_intervals_and_is_written_to_fits_json(study, findings):
@@ -174,12 +179,13 @@ def test_scaling_fit_has_intervals_and_is_written_to_fits_json(study, findings):
     assert len(fits["compute_optimal"]["N_opt_estimate"]) == len(fits["compute_optimal"]["C"])
 
 
-def test_efficiency_pairs_precision_and_labels_the_co2_assumption(findings):
+def test_efficiency_pairs_precision_and_says_co2_was_not_measured_without_codecarbon(findings):
     eff = findings["efficiency"]
     assert eff["precision"]["baseline"] == "fp32"
     assert eff["precision"]["tokens_per_s"]["bf16"]["mean"] == pytest.approx(2.0)
     assert eff["precision"]["peak_mem_bytes"]["bf16"]["mean"] == pytest.approx(1 / 1.6)
-    assert "assuming a grid intensity of 0.4 kg CO2e/kWh" in eff["finding"]
+    # the planted runs have the NVML GPU counter (energy_j) but no CodeCarbon figures: no CO2 is invented
+    assert "CO2 was not measured (no run has CodeCarbon figures" in eff["finding"] and eff["total_co2_kg"] is None
     assert "activation checkpointing: no runs differ only in `grad_checkpointing`" in eff["finding"].lower()
 
 
@@ -237,7 +243,8 @@ def test_a_single_pair_reports_its_difference_without_an_interval(tmp_path):
     write_report(write_study(tmp_path / "one", rows), n_boot=5)
     pos = json.loads((tmp_path / "one" / "report" / "findings.json").read_text(encoding="utf-8"))["positions"]
     assert pos["effects"]["alibi"]["n_pairs"] == 1 and pos["effects"]["alibi"]["lo"] is None
-    assert "**alibi beats rope by 0.020 bits/byte** (a single pair: no interval is possible)" in pos["finding"]
+    assert "alibi − rope = -0.020 bits/byte (n = 1 pair: one seed — not a finding)." in pos["finding"]
+    assert "beats" not in pos["finding"]
 
 
 def test_without_a_joint_grid_the_report_fits_one_variable_power_laws(tmp_path):

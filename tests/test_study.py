@@ -123,7 +123,8 @@ def test_study_runs_evals_writes_results_and_skips_done_runs(tmp_path, tiny_data
     assert set(rows) == {"rope", "learned"}
     for row in rows.values():
         assert row["status"] == "done" and int(row["tokens_seen"]) == 4096 and float(row["val_bpb"]) > 0
-        assert float(row["eval.length_extrapolation.bpb_1x"]) == pytest.approx(float(row["val_bpb"]), rel=1e-4)
+        # the packed stream (context across documents) vs each document alone: the same metric, close
+        assert float(row["eval.length_extrapolation.bpb_1x"]) == pytest.approx(float(row["val_bpb"]), rel=0.05)
         # AdamW: two fp32 moments per parameter, plus a 4-byte step counter per parameter tensor
         assert 8 * int(row["params"]) < int(row["optimizer_state_bytes"]) <= 8 * int(row["params"]) + 4 * 64
     assert rows["rope"]["eval.length_extrapolation.bpb_2x"] and not rows["learned"]["eval.length_extrapolation.bpb_2x"]

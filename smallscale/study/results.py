@@ -4,13 +4,18 @@ Columns, in this order (a missing value is an empty cell in CSV, null in Parquet
     run_id, status, error
     axis.<name>          each axis of the study file, as written
     dataset, tokenizer, preset, n_layer, d_model, n_head, seq_len, position, optimizer, lr, schedule,
-    precision, grad_checkpointing, compile, seed, token_budget, train_tokens, fertility  (the run's config;
-                         fertility = training-split tokens per whitespace word of the dataset)
-    params, non_embedding_params, tokens_seen, flops, epochs, val_loss, val_bpb, val_ppl, wall_s,
-    tokens_per_s, mfu, peak_mem_bytes, optimizer_state_bytes, energy_j, gpu_util, device  (summary.json)
-    eval.<task>.<metric> each numeric top-level value of RUN_DIR/eval/<task>.json
+    precision, grad_checkpointing, compile, seed, token_budget, unique_tokens, train_tokens, fertility  (the
+                         run's config; unique_tokens = token_budget, the distinct training tokens the run
+                         may see; fertility = training-split tokens per whitespace word of the dataset)
+    params, non_embedding_params, tokens_seen, steps, flops, epochs, val_loss, val_bpb, val_ppl, wall_s,
+    tokens_per_s, mfu, peak_mem_bytes, optimizer_state_bytes, energy_j, gpu_util, device, energy_kwh,
+    energy_gpu_kwh, co2_kg, carbon_intensity_g_per_kwh, energy_country, energy_method  (summary.json)
+    eval.<task>.<metric> each numeric top-level value of RUN_DIR/eval/<task>.json (`n`, the number of
+                         examples scored, included: the report's intervals on accuracies need it)
 
 `flops` = flops_per_token x tokens_seen with flops_per_token = 6N + 12·n_layer·d_model·seq_len.
+`epochs` = passes over the unique tokens (train windows consumed / windows in the budget, i.e.
+tokens_seen / unique_tokens; > 1 when data is repeated).
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from typing import Any
 from smallscale.io import atomic_write_bytes, atomic_write_text
 from smallscale.study.executors import load_runs, read_status, run_dir
 
-SUMMARY_COLUMNS = ("params", "non_embedding_params", "tokens_seen", "flops", "epochs", "val_loss", "val_bpb", "val_ppl",
+SUMMARY_COLUMNS = ("params", "non_embedding_params", "tokens_seen", "steps", "flops", "epochs", "val_loss", "val_bpb", "val_ppl",
                    "wall_s", "tokens_per_s", "mfu", "peak_mem_bytes", "optimizer_state_bytes", "energy_j", "gpu_util",
-                   "device")  # fmt: skip
-EVAL_SKIP = {"step", "n", "wall_s"}  # bookkeeping, not metrics
+                   "device", "energy_kwh", "energy_gpu_kwh", "co2_kg", "carbon_intensity_g_per_kwh", "energy_country",
+                   "energy_method")  # fmt: skip
+EVAL_SKIP = {"step", "wall_s"}  # bookkeeping, not metrics
 
 
 def collect(study_dir: str | Path) -> list[dict[str, Any]]:
@@ -63,13 +69,14 @@ def _config_columns(config: dict[str, Any], dataset: str, out: Path, manifest: d
     m, o, t, d = config.get("model", {}), config.get("optim", {}), config.get("train", {}), config.get("data", {})
     tokens = t.get("tokens") if t.get("tokens") is not None else (t.get("steps") or 0) * t.get("global_batch_tokens", 0)
     pick = lambda key: model.get(key, m.get(key))  # noqa: E731
+    budget = d.get("token_budget") or (manifest.get("splits") or {}).get("train", {}).get("tokens")  # no budget: the whole split
     return {
         "dataset": dataset, "tokenizer": (manifest.get("tokenizer") or {}).get("kind"), "preset": m.get("preset"),
         "n_layer": pick("n_layer"), "d_model": pick("d_model"), "n_head": pick("n_head"), "seq_len": pick("seq_len"),
         "position": pick("position"), "optimizer": o.get("name"), "lr": o.get("lr"),
         "schedule": (config.get("schedule") or {}).get("kind"), "precision": t.get("precision"),
         "grad_checkpointing": bool(pick("grad_checkpointing")), "compile": t.get("compile"), "seed": t.get("seed"),
-        "token_budget": d.get("token_budget") or (manifest.get("splits") or {}).get("train", {}).get("tokens"),
+        "token_budget": budget, "unique_tokens": budget,
         "train_tokens": tokens,
         "fertility": (manifest.get("splits") or {}).get("train", {}).get("fertility"),  # tokens per whitespace word
     }  # fmt: skip
