@@ -40,14 +40,19 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smallscale import lock as folder_lock
 from smallscale.errors import UserError
-from smallscale.io import atomic_write_json, atomic_write_text
+from smallscale.hardware import usable_cpus
+from smallscale.io import atomic_write_json, atomic_write_text, no_space_message
 from smallscale.study.grid import RunSpec, StudySpec, dataset_dir, expand, load_study
+from smallscale.study.progress import StudyProgress
+
+if TYPE_CHECKING:
+    from smallscale.train.trackers import RunLabels
 
 MANIFEST = "manifest.json"
 STATES = ("done", "running", "interrupted", "failed", "pending")
@@ -61,15 +66,23 @@ def plan(
     """Copy the study file, prepare its datasets (skipping finished ones) and write manifest.json.
     `spec`: the file already parsed, if the caller has it."""
     from smallscale.config import validate
+    from smallscale.data.mixture import prepare_mixture, study_mixture
     from smallscale.data.shards import PrepareConfig, load_manifest, prepare
+    from smallscale.study.grid import mixture_sources
 
     spec = spec if spec is not None else load_study(spec_path)
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study_dir / "study.yaml", Path(spec_path).read_text(encoding="utf-8"))
     vocab_sizes, train_tokens = {}, {}
+    sources_only = mixture_sources(spec.datasets)
     for name, ds in spec.datasets.items():
+        if name in sources_only:
+            continue  # prepared inside each mixture that names it, with that mixture's tokenizer
         path = dataset_dir(study_dir, name, ds)
+        if ds.mix is not None and not (path / "manifest.json").exists():
+            datasets = {n: d.model_dump() for n, d in spec.datasets.items()}
+            prepare_mixture(study_mixture(ds.mix, datasets, path, f"study dataset {name!r}"), progress=progress)
         if ds.source is not None and not (path / "manifest.json").exists():
             options = {k: v for k, v in ds.model_dump().items() if k != "path" and v is not None}
             prepare(validate(PrepareConfig, {**options, "out": str(path)}, source=f"study dataset {name!r}"), progress=progress)
@@ -128,12 +141,16 @@ def run_one(study_dir: str | Path, run_id: str, progress: bool = False) -> dict[
     spec = next((r for r in load_runs(study_dir) if r.id == run_id), None)
     if spec is None:
         raise UserError(f"run {run_id!r} is not in {str(Path(study_dir) / MANIFEST)!r}")
+    from smallscale.train.trackers import RunLabels
+
     out = run_dir(study_dir, run_id)
+    # In a tracker the study is the group and the axes are the tags: its runs table is the study grid.
+    study_name = json.loads((Path(study_dir) / MANIFEST).read_text(encoding="utf-8")).get("name")
     with folder_lock.hold(out, "study worker"):
-        return _run_owned(spec, out, progress)
+        return _run_owned(spec, out, progress, RunLabels(group=study_name, tags=spec.axes))
 
 
-def _run_owned(spec: RunSpec, out: Path, progress: bool) -> dict[str, Any]:
+def _run_owned(spec: RunSpec, out: Path, progress: bool, labels: RunLabels) -> dict[str, Any]:
     from smallscale.config import validate
     from smallscale.eval.runs import load_run
     from smallscale.eval.tasks.registry import result_path, run_task
@@ -152,7 +169,7 @@ def _run_owned(spec: RunSpec, out: Path, progress: bool) -> dict[str, Any]:
     )  # fmt: skip
     try:
         cfg = validate(RunConfig, {**spec.config, "out": str(out)}, source=f"run {run_id}")
-        summary = train(cfg, resume=True, progress=progress)
+        summary = train(cfg, resume=True, progress=progress, labels=labels)
         if spec.evals:
             import torch
 
@@ -169,9 +186,11 @@ def _run_owned(spec: RunSpec, out: Path, progress: bool) -> dict[str, Any]:
                 atomic_write_json(result_path(out, name), result)
         return _write_status(status_path, state="done", stage=None, finished=time.time(), val_bpb=summary.get("val_bpb"))
     except Exception as exc:  # one run's failure is recorded, never fatal to the study
-        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        with open(out / "log.txt", "a", encoding="utf-8") as log:
-            log.write(traceback.format_exc())
+        full = no_space_message(exc)
+        message = str(exc) if isinstance(exc, UserError) else full or f"{type(exc).__name__}: {exc}"
+        if full is None:  # a full disk is no bug: its one line is the error, which `main` logs
+            with open(out / "log.txt", "a", encoding="utf-8") as log:
+                log.write(traceback.format_exc())
         return _write_status(status_path, state="failed", error=message, finished=time.time())
 
 
@@ -198,9 +217,9 @@ def execute(
     pending = todo(study_dir, runs, retry_failed)
     while True:
         if pending and kind in ("local", "pool"):
-            n = 1 if kind == "local" else (workers or _gpu_count() or 1)
-            _run_processes(study_dir, pending, n, gpus=_gpu_count() if kind == "pool" else 0, progress=progress,
-                           total=len(runs))  # fmt: skip
+            gpus = _gpu_count() if kind == "pool" else 0
+            n = 1 if kind == "local" else (workers or gpus or default_cpu_workers(usable_cpus()))
+            _run_processes(study_dir, pending, n, gpus=gpus, progress=progress, total=len(runs), all_runs=runs)
         elif pending:
             from smallscale.study.slurm import submit_and_wait
 
@@ -240,6 +259,30 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def default_cpu_workers(cpus: int) -> int:
+    """The pool's worker count on a machine without GPUs: one single-thread run per usable core.
+    PLACEHOLDER"""
+    return cpus
+
+
+def worker_threads(slot: int, workers: int, cpus: int) -> int:
+    """CPU threads of pool worker `slot` (0-based) of `workers`: the `cpus` usable cores shared out,
+    the first `cpus % workers` slots taking one more, at least 1 each."""
+    return max(1, cpus // workers + (slot < cpus % workers))
+
+
+def worker_env(slot: int, workers: int, cpus: int, gpus: int, environ: dict[str, str]) -> dict[str, str]:
+    """The environment of pool worker `slot`: its GPU (one each, in turn) and its share of the CPU
+    cores as OMP_NUM_THREADS / MKL_NUM_THREADS, which torch reads at import and the trainer keeps,
+    so that N runs at once start N x cores threads no longer. A user's OMP_NUM_THREADS is kept."""
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    if "OMP_NUM_THREADS" not in environ:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(worker_threads(slot, workers, cpus))
+    return env
+
+
 def _worker_command(study_dir: Path, run_id: str) -> list[str]:
     return [sys.executable, "-m", "smallscale.study.executors", str(study_dir), run_id]
 
@@ -255,57 +298,61 @@ def _die_with_parent() -> None:
         pass
 
 
-def _run_processes(study_dir: Path, runs: list[RunSpec], n: int, gpus: int, progress: bool, total: int) -> None:
+def _run_processes(
+    study_dir: Path, runs: list[RunSpec], n: int, gpus: int, progress: bool, total: int, all_runs: list[RunSpec] | None = None
+) -> None:
     """Keep up to `n` worker processes busy; each writes its own log.txt and status.json. A run that
     is done, or owned by another process, by the time its turn comes is passed over."""
     queue = list(runs)
     active: dict[int, tuple[subprocess.Popen, RunSpec, Any]] = {}  # slot -> (process, run, log file)
-    bar, advance = _progress(progress, total, total - len(runs))
+    cpus = usable_cpus()
+    if n > cpus and "OMP_NUM_THREADS" not in os.environ:
+        warnings.warn(f"{n} workers share {cpus} usable CPU cores: each runs 1 thread and they take turns on the cores; "
+                      f"--workers {cpus} or fewer runs them side by side", stacklevel=3)  # fmt: skip
+    view = _view(study_dir, progress, all_runs or runs, total - len(runs))
     try:
         while queue or active:
             for slot in [s for s in range(n) if s not in active]:
-                spec = _next_startable(study_dir, queue, advance)
+                spec = _next_startable(study_dir, queue, view)
                 if spec is None:
                     break
                 out = run_dir(study_dir, spec.id)
                 out.mkdir(parents=True, exist_ok=True)
                 log = open(out / "log.txt", "a", encoding="utf-8")  # noqa: SIM115 (closed when the process ends)
-                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+                env = worker_env(slot, n, cpus, gpus, dict(os.environ))
                 proc = subprocess.Popen(_worker_command(study_dir, spec.id), stdout=log, stderr=subprocess.STDOUT, env=env,
                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
                 active[slot] = (proc, spec, log)
-                advance(f"running {spec.id}")
+                view.started(spec.id)
             time.sleep(0.2)
+            view.refresh([spec.id for _, spec, _ in active.values()], [spec.id for spec in queue])
             for slot, (proc, spec, log) in list(active.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
                 del active[slot]
                 if proc.returncode == BUSY_EXIT:  # another process took the run first; waited for later
-                    advance(f"{spec.id}: owned by another process", done=1)
+                    view.finished(spec.id, "taken by another process", counted=False)
                     continue
                 if read_status(study_dir, spec.id)["state"] not in ("done", "failed"):  # killed from outside (OOM killer, signal)
                     tail = _tail(run_dir(study_dir, spec.id) / "log.txt")
                     record_failure(run_dir(study_dir, spec.id), f"worker exited with code {proc.returncode}: {tail}")
-                advance(f"{spec.id}: {read_status(study_dir, spec.id)['state']}", done=1)
+                view.finished(spec.id, read_status(study_dir, spec.id)["state"])
     finally:
         for proc, _, log in active.values():
             proc.terminate()
             log.close()
-        if bar is not None:
-            bar.stop()
+        view.stop()
 
 
-def _next_startable(study_dir: Path, queue: list[RunSpec], advance: Callable[..., None]) -> RunSpec | None:
+def _next_startable(study_dir: Path, queue: list[RunSpec], view: StudyProgress) -> RunSpec | None:
     """Pop runs off `queue` until one that is not done and that no other process owns."""
     while queue:
         spec = queue.pop(0)
         if read_status(study_dir, spec.id)["state"] == "done":
-            advance(f"{spec.id}: done by another process", done=1)
+            view.note(f"run {spec.id} done by another process", counted=True)
         elif (holder := folder_lock.owner(run_dir(study_dir, spec.id))) is not None:
-            advance(f"{spec.id}: owned by {holder.describe()}", done=1)
+            view.note(f"run {spec.id} skipped: owned by {holder.describe()}")
         else:
             return spec
     return None
@@ -329,16 +376,12 @@ def _tail(path: Path, n: int = 300) -> str:
     return " ".join(text[-n:].split())
 
 
-def _progress(enabled: bool, total: int, completed: int) -> tuple[Any, Callable[..., None]]:
-    if not enabled:
-        return None, lambda *a, **k: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("study"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.description}"))  # fmt: skip
-    task = bar.add_task("", total=total, completed=completed)
-    bar.start()
-    return bar, lambda text="", done=0: bar.update(task, advance=done, description=text)
+def _view(study_dir: Path, progress: bool, runs: list[RunSpec], done: int) -> StudyProgress:
+    """The study's live view (smallscale/study/progress.py): bars in a terminal, plain lines in a
+    log; with progress off, plain lines only for runs starting and ending (never a periodic line)."""
+    if progress:
+        return StudyProgress(study_dir, runs, done=done)
+    return StudyProgress(study_dir, runs, done=done, interactive=False, every_s=float("inf"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     except folder_lock.FolderBusy as busy:
         print(f"run {run_id} skipped: {busy}", file=sys.stderr)
         return BUSY_EXIT
+    except Exception as exc:  # a full disk outside train + evals (the run's lock, status.json): one line
+        line = no_space_message(exc)
+        if line is None:
+            raise
+        print(f"run {run_id} failed: {line}", file=sys.stderr)
+        return 1
     if status["state"] == "failed":
         print(f"run {run_id} failed: {status['error']}", file=sys.stderr)
     return 0 if status["state"] == "done" else 1

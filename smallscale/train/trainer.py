@@ -28,17 +28,19 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from smallscale import provenance
+from smallscale import hardware, provenance
 from smallscale.config import Strict, dump_config, read_yaml, validate
 from smallscale.data.loader import TrainLoader
 from smallscale.data.shards import load_manifest
+from smallscale.energy import EnergyConfig, EnergyMeter, Reading
 from smallscale.errors import UserError
 from smallscale.eval.tasks.perplexity import ScoringSet, score
 from smallscale.io import atomic_write_json, atomic_write_text, writing
 from smallscale.model.gpt import GPT, GPTConfig, GPTOutput
 from smallscale.model.presets import PRESETS, preset_config
 from smallscale.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at
-from smallscale.train import checkpoint, distributed, telemetry
+from smallscale.train import checkpoint, distributed, telemetry, trackers
+from smallscale.train.trackers import RunLabels, TrackerName
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -118,6 +120,11 @@ class TrainSection(Strict):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    trackers: list[TrackerName] = Field(
+        [], description="also log each metrics.jsonl record to these (optional extras): tensorboard, wandb, trackio, mlflow"
+    )
+    tracker_project: str = Field("smallscale", description="the project (W&B, trackio) or experiment (MLflow) runs log to")
+    energy: EnergyConfig = EnergyConfig()
 
     @model_validator(mode="after")
     def _budget(self) -> TrainSection:
@@ -163,6 +170,13 @@ def resolve_precision(choice: Precision, device: torch.device) -> str:
         raise UserError("train.precision 'fp16' needs a CUDA device (GradScaler); use bf16 or fp32 on CPU")
     if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("train.precision 'bf16' is not supported by this GPU; use fp16 or fp32")
+    if choice == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+        bf16_flops, fp32_flops = telemetry.cpu_matmul_rates(torch.bfloat16)
+        warnings.warn(
+            f"train.precision=bf16 on this CPU is emulated: a 512x512 matmul ran {fp32_flops / bf16_flops:.0f}x slower "
+            f"than fp32 ({bf16_flops / 1e9:.1f} GFLOP/s vs {fp32_flops / 1e9:.1f} GFLOP/s); use precision=fp32 or auto",
+            stacklevel=2,
+        )
     if choice != "auto":
         return choice
     if device.type == "cuda":
@@ -215,10 +229,10 @@ class NonFiniteError(UserError):
     pass
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True, labels: RunLabels | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; returns the summary. Holds the run directory's
     lock throughout (smallscale/lock.py): FolderBusy, before anything is written, if another
-    process trains or resumes it."""
+    process trains or resumes it. `labels`: the run's group and tags in its trackers (a study's)."""
     import os
 
     from smallscale.lock import hold
@@ -232,14 +246,20 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[s
     with owning:
         info = distributed.setup(device.type)
         try:
-            return _train(cfg, out, device, info, resume, progress)
+            with contextlib.ExitStack() as on_exit:  # stops the energy meter and the trackers however the run ends
+                return _train(cfg, out, device, info, resume, progress, labels or RunLabels(), on_exit)
         finally:
             distributed.teardown()
 
 
-def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.DistInfo, resume: bool, progress: bool) -> dict[str, Any]:
+def _train(
+    cfg: RunConfig, out: Path, device: torch.device, info: distributed.DistInfo, resume: bool, progress: bool,
+    labels: RunLabels, on_exit: contextlib.ExitStack,
+) -> dict[str, Any]:  # fmt: skip
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
+    if device.type == "cpu":
+        hardware.set_cpu_threads()  # one per usable core (affinity, cgroup quota) unless OMP_NUM_THREADS is set
     ckpt_dir = out / "checkpoints"
     if (out / "config.yaml").exists() and not resume:
         raise UserError(f"run directory {str(out)!r} already exists; resume it with `smallscale resume {out}` or choose another out")
@@ -249,6 +269,9 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
     accum, total_steps = plan_batches(cfg, model_cfg.seq_len, info.world_size)
     total_tokens = total_steps * cfg.train.global_batch_tokens
     autocast = autocast_factory(precision, device)
+    from smallscale.train.memory import check_run
+
+    check_run(cfg, model_cfg, precision, device, info.world_size)  # refuse a run that cannot fit, before allocating
 
     torch.manual_seed(cfg.train.seed)
     model = GPT(model_cfg).to(device)
@@ -318,13 +341,22 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         optim_state = distributed.optimizer_state(model, optimizer)
         if info.is_main:
             state = {"tokens": tokens_seen, "loader": loader.state_dict(), "skipped_steps": skipped,
-                     "wall_s": wall_before + (time.perf_counter() - t_start)}  # fmt: skip
+                     "wall_s": wall_before + (time.perf_counter() - t_start), "energy": meter.lap().as_dict()}  # fmt: skip
             checkpoint.save(ckpt_dir, step, weights, optim_state, state, cfg.train.keep_checkpoints)
 
     telemetry.reset_peak_memory(device)
     gpu = telemetry.GpuMonitor(device) if info.is_main else None
     if gpu:
         gpu.start()
+    # Rank 0 measures energy (CodeCarbon: the machine's GPUs, its own CPU share) and feeds the trackers.
+    meter = EnergyMeter(cfg.train.energy, out, before=Reading.from_dict(found.state.get("energy")) if found is not None else None)
+    on_exit.callback(meter.close)
+    if info.is_main:
+        meter.start()
+    run_info = trackers.RunInfo(run_dir=out, name=out.name, config=read_yaml(out / "config.yaml") if info.is_main else {},
+                                project=cfg.train.tracker_project, labels=labels, start_step=step)  # fmt: skip
+    run_trackers = trackers.open_trackers(cfg.train.trackers if info.is_main else [], run_info)
+    on_exit.callback(run_trackers.finish, {})
     t_start = time.perf_counter()
     startup_s = telemetry.seconds_since_process_start()  # interpreter, imports, data checks, model build
     window_t, window_tokens = t_start, 0
@@ -411,6 +443,7 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
             record["elapsed_s"] = wall_before + (time.perf_counter() - t_start)  # training wall time, evals included
             with writing(metrics_path), open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            run_trackers.log(record)  # after metrics.jsonl, the source of truth
         if save_now:
             save_checkpoint()
         if bar is not None:
@@ -422,6 +455,7 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         last_eval = evaluate()
     wall = wall_before + (time.perf_counter() - t_start)
     gpu_summary = gpu.stop() if gpu else {"gpu_util": None, "energy_j": None}
+    energy_summary = meter.stop()  # CodeCarbon's kWh and CO2; energy_j above is the GPU's own NVML counter
     tokens_per_s = tokens_seen / wall if wall else 0.0
     summary = {
         "status": "done",
@@ -452,9 +486,11 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, info: distributed.Di
         "compile": compiled,
         "world_size": info.world_size,
         **gpu_summary,
+        **energy_summary,
     }
     if info.is_main:
         atomic_write_json(out / "summary.json", summary)
+        run_trackers.finish(summary)
     return summary
 
 
