@@ -486,9 +486,14 @@ def _finish_study(study_dir: Path, report: bool, n_boot: int = 200) -> None:
     csv_path, _ = write_results(study_dir)
     stdout.print(f"results: {csv_path} (+ .parquet)")
     if report:
+        import time
+
         from smallscale.study.report import write_report
 
-        stdout.print(f"report: {write_report(study_dir, n_boot=n_boot)}")
+        started = time.perf_counter()
+        console.print(f"writing the report ({n_boot} bootstrap resamples per fit; a minute or two on a small CPU) ...")
+        path = write_report(study_dir, n_boot=n_boot)
+        stdout.print(f"report: {path} ({time.perf_counter() - started:.0f} s)")
 
 
 @study_app.command("plan")

@@ -278,3 +278,24 @@ def test_tokenizer_section_pairs_bpe_and_unigram_with_fertility(tmp_path):
     assert "bpe beats unigram" in tok["finding"]
     # a study with one tokenizer has no such section
     assert "tokenizers" not in json.loads((write_report(write_study(tmp_path / "one", rows[::2]), n_boot=0).parent / "findings.json").read_text())
+
+
+def test_a_joint_scaling_fit_that_separates_nothing_is_not_reported_as_a_law():
+    # the quickstart's reference runs (cpu-500k, cpu-2m, cpu-6m x 49k, 98k, 295k tokens; AMD EPYC
+    # Zen 5, bf16): cpu-2m ties cpu-6m at 295k, and the Huber fit sends alpha to ~4000 with A = inf
+    import dataclasses
+
+    import numpy as np
+
+    from smallscale.study import scaling
+    from smallscale.study.report import DegenerateFit, _check_chinchilla
+
+    N = [308e3] * 3 + [1.564e6] * 3 + [5.21e6] * 3
+    D = [49152, 98304, 294912] * 3
+    bpb = [3.1781, 2.8920, 2.5661, 2.8326, 2.6442, 2.3369, 2.7246, 2.6416, 2.3405]
+    with np.errstate(over="ignore"):
+        fit = scaling.fit_chinchilla(N, D, [b * math.log(2) * 3.34 for b in bpb])
+    assert fit.alpha > 100 or not math.isfinite(fit.A)
+    with pytest.raises(DegenerateFit, match="cannot separate model size from data"):
+        _check_chinchilla(dataclasses.asdict(fit))
+    _check_chinchilla({"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28})  # Hoffmann et al.'s law passes

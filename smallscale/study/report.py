@@ -999,6 +999,8 @@ def scaling_laws(res: Results, n_boot: int, seed: int) -> Section:
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # diverged resamples: shown as unbounded ends
                 return _chinchilla(scaling, N, D, L, n_boot, seed, {**data, "answered": True, "method": "chinchilla"}, ref)
+        except DegenerateFit as exc:
+            failure.append(f"The joint fit L(N, D) is not reported: {exc}.")
         except Exception as exc:  # a degenerate grid: say so and fall back to one-variable fits
             failure.append(f"The joint fit L(N, D) failed ({type(exc).__name__}: {exc}).")
     fits, fig, axes = [], *_figure(2)
@@ -1044,7 +1046,29 @@ def scaling_laws(res: Results, n_boot: int, seed: int) -> Section:
     return Section(key, title, finding, figures=[Plot("scaling", "Power-law fits of val_loss (log-log).", _png(fig))], data=data)
 
 
+# Exponents of published language-model scaling laws lie in 0.05-0.8 (Kaplan et al. 2020, Hoffmann
+# et al. 2022, Besiroglu et al. 2024); a fit beyond this bound, or with an infinite coefficient, has
+# not separated N from D (e.g. one model size dominates the grid) and is no law to report.
+MAX_SCALING_EXPONENT = 2.0
+
+
+class DegenerateFit(ValueError):
+    pass
+
+
+def _check_chinchilla(estimate: dict[str, float]) -> None:
+    """Raise DegenerateFit for a joint fit that is no law: a non-finite parameter or an exponent
+    outside (0, MAX_SCALING_EXPONENT]."""
+    bad = [k for k in ("E", "A", "B", "alpha", "beta") if not math.isfinite(estimate[k])]
+    exponents_ok = all(0 < estimate[k] <= MAX_SCALING_EXPONENT for k in ("alpha", "beta") if k not in bad)
+    if bad or not exponents_ok:
+        shown = ", ".join(f"{k} = {estimate[k]:.3g}" for k in ("alpha", "beta", "A", "B", "E"))
+        raise DegenerateFit(f"the estimate is degenerate ({shown}; exponents of a scaling law lie in (0, "
+                            f"{MAX_SCALING_EXPONENT:g}], coefficients are finite): this grid cannot separate model size from data")
+
+
 def _chinchilla(scaling, N, D, L, n_boot: int, seed: int, data: dict[str, Any], ref: dict[str, Any]) -> Section:
+    _check_chinchilla(dataclasses.asdict(scaling.fit_chinchilla(N, D, L)))  # before the bootstrap: a degenerate fit costs no resamples
     boot = scaling.bootstrap_chinchilla(N, D, L, n_boot=n_boot, seed=seed)
     # The bootstrap's full-data estimate is fit_chinchilla's result (same procedure); fitting twice costs seconds.
     fit = scaling.ChinchillaFit(**boot.estimate, loss=math.nan)
