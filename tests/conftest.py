@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -13,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SMALLSCALE_DATA_ROOT", REPO.parent / "shared" / "data"))
 os.environ.setdefault("SMALLSCALE_DATA_ROOT", str(SHARED_DATA))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One cache per test session (CPU matmul peaks, fetched files): tests never touch the user's ~/.cache.
+os.environ.setdefault("SMALLSCALE_CACHE", tempfile.mkdtemp(prefix="smallscale-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

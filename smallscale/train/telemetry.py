@@ -7,12 +7,15 @@ GPUs and from a timed matmul elsewhere (CPU, unknown GPUs); `device_peak_flops` 
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -151,6 +154,54 @@ def measure_cpu_matmul_peak(
     return _measure_matmul_peak(torch.device("cpu"), dtype, seconds, sizes)
 
 
+# A CPU run measures the matmul peak only until this machine has PEAK_MEASUREMENTS measurements of
+# it (same CPU model, ISA level, torch version, dtype and thread count); then it uses their best,
+# kept in $SMALLSCALE_CACHE/cpu_matmul_peak.json (default ~/.cache/smallscale). Why: the measurement
+# costs ~1 s of every run's startup, and one taken while another process shares the cores reads
+# low, which made the MFU of identical runs of one study differ by up to 2x; the best of a few is
+# the machine's peak, the same for every later run.
+PEAK_MEASUREMENTS = 3
+PEAK_CACHE_FILE = "cpu_matmul_peak.json"
+
+
+def _peak_cache_path() -> Path:
+    base = os.environ.get("SMALLSCALE_CACHE") or Path.home() / ".cache" / "smallscale"
+    return Path(base) / PEAK_CACHE_FILE
+
+
+def cpu_peak_key(dtype: torch.dtype) -> str:
+    """What a CPU matmul peak depends on: CPU model, ISA level as torch dispatches, torch, dtype, threads."""
+    from smallscale.provenance import cpu_model
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model()}|{capability}|torch {torch.__version__}|{dtype}|threads {torch.get_num_threads()}"
+
+
+def cached_cpu_matmul_peak(dtype: torch.dtype) -> float:
+    """`measure_cpu_matmul_peak`, or the best of this machine's earlier measurements once it has
+    PEAK_MEASUREMENTS of them (see above). A cache that cannot be read or written is ignored."""
+    path, key = _peak_cache_path(), cpu_peak_key(dtype)
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+        entry = cache.get(key) if isinstance(cache, dict) else None
+    except (OSError, ValueError):
+        cache, entry = {}, None
+    if isinstance(entry, dict) and entry.get("measurements", 0) >= PEAK_MEASUREMENTS and entry.get("flops", 0) > 0:
+        return float(entry["flops"])
+    peak = measure_cpu_matmul_peak(dtype)
+    previous = entry if isinstance(entry, dict) else {}
+    best = max(peak, float(previous.get("flops", 0.0) or 0.0))
+    cache = cache if isinstance(cache, dict) else {}
+    cache[key] = {"flops": best, "measurements": int(previous.get("measurements", 0) or 0) + 1}
+    try:
+        from smallscale.io import atomic_write_json
+
+        atomic_write_json(path, cache)
+    except OSError:
+        pass  # a read-only home: measure every run, as before
+    return best
+
+
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """Peak FLOP/s for MFU on `device` in `dtype`, and where it came from.
 
@@ -165,7 +216,7 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
         if peak is not None:
             return peak, f"table:{key}"
     if device.type == "cpu":
-        return measure_cpu_matmul_peak(dtype), "measured-cpu-matmul"
+        return cached_cpu_matmul_peak(dtype), "measured-cpu-matmul"
     return _measure_matmul_peak(device, dtype, seconds=1.0, sizes=(4096,)), f"measured-{device.type}-matmul"
 
 
