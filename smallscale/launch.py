@@ -12,7 +12,7 @@ thresholds once, at process start, hence the re-exec. The cost: the process keep
 until it exits. tcmalloc (LD_PRELOAD) measured the same; it needs a package installed, this does not.
 
 The OpenMP runtime of torch's CPU build (libgomp) reads OMP_WAIT_POLICY when torch is imported: see
-WAIT_POLICY below for the setting and why.
+WAIT_POLICY below for when it is set to PASSIVE and why.
 """
 
 from __future__ import annotations
@@ -32,9 +32,23 @@ MALLOC_TUNABLES = (
     f"glibc.malloc.mmap_threshold={MALLOC_THRESHOLD_BYTES}:glibc.malloc.trim_threshold={MALLOC_THRESHOLD_BYTES}"
 )
 _USER_CHOICE_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+# OpenMP wait policy. libgomp's default spins ~300000 rounds (~3 ms) before an idle thread sleeps:
+# fastest alone, but next to another busy process the spinning threads take the cores it needs.
+# bench/bench_threads.py --part policy (AMD EPYC Zen 5, 2 cores, fp32, cpu-2m, 2 threads, medians of
+# 2): alone, default 11,248 tokens/s vs PASSIVE 9,770 (-13%); next to a process busy on one core,
+# default 3,250 vs PASSIVE 5,942 (+83%). So PASSIVE when other processes already keep at least
+# BUSY_LOAD cores busy as this one starts (1-minute load average), else libgomp's default.
 WAIT_POLICY = "PASSIVE"
+BUSY_LOAD = 0.5
 # Either of these set by the user is their choice of how OpenMP threads wait, and is kept.
 _WAIT_CHOICE_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return 0.0
 
 
 def allocator_setting(environ: dict[str, str] | None = None) -> str:
@@ -56,16 +70,18 @@ def allocator_setting(environ: dict[str, str] | None = None) -> str:
     return "default"
 
 
-def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def launch_env(environ: dict[str, str] | None = None, load: float | None = None) -> dict[str, str]:
     """The environment variables to set before this process allocates or imports torch: the malloc
-    thresholds (unless the allocator is already chosen, see `allocator_setting`) and the OpenMP
+    thresholds (unless the allocator is already chosen, see `allocator_setting`) and, on a busy
+    machine (`load`, default the 1-minute load average, at least BUSY_LOAD), the passive OpenMP
     wait policy (unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT). Empty when all is in force."""
     env = os.environ if environ is None else environ
     changes = {}
     if allocator_setting(env) == "default":
         previous = env.get("GLIBC_TUNABLES")
         changes["GLIBC_TUNABLES"] = f"{previous}:{MALLOC_TUNABLES}" if previous else MALLOC_TUNABLES
-    if not any(name in env for name in _WAIT_CHOICE_VARS):
+    busy = (_load_average() if load is None else load) >= BUSY_LOAD
+    if busy and not any(name in env for name in _WAIT_CHOICE_VARS):
         changes["OMP_WAIT_POLICY"] = WAIT_POLICY
     return changes
 
