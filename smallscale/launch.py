@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 
 OPT_OUT_VAR = "SMALLSCALE_NO_MALLOC_TUNING"
 # Every allocation below this many bytes comes from the heap; freed heap memory is kept up to the
@@ -45,10 +46,17 @@ _WAIT_CHOICE_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def _load_average() -> float:
+    """Cores other processes keep busy, as far as is cheaply known at launch: the 1-minute load
+    average, but 0 when this process is the only runnable one at this instant (/proc/loadavg's
+    running count), since the average lags a job that has just ended."""
     try:
-        return os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return 0.0
+        fields = Path("/proc/loadavg").read_text(encoding="ascii").split()
+        return float(fields[0]) if int(fields[3].split("/")[0]) >= 2 else 0.0
+    except (OSError, ValueError, IndexError):  # not Linux
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
 
 
 def allocator_setting(environ: dict[str, str] | None = None) -> str:

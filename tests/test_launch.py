@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,7 @@ def run(env_changes: dict[str, str | None], before: str = "", after: str = "") -
     return lines[:-1], json.loads(lines[-1])
 
 
-BUSY = "import os; os.getloadavg = lambda: (4.0, 4.0, 4.0)  # a machine other processes keep busy"
+BUSY = "import smallscale.launch as L; L._load_average = lambda: 4.0  # a machine other processes keep busy"
 
 
 def test_reexecs_once_with_the_malloc_tunables_and_the_same_arguments():
@@ -58,7 +59,7 @@ def test_the_passive_wait_policy_only_on_a_busy_machine():
     # alone, libgomp's spinning default is 13% faster; next to a busy process PASSIVE is 83% faster
     assert launch_env({}, load=0.1) == {"GLIBC_TUNABLES": MALLOC_TUNABLES}
     assert launch_env({}, load=BUSY_LOAD)["OMP_WAIT_POLICY"] == WAIT_POLICY
-    _, after = run({}, before="import os; os.getloadavg = lambda: (0.0, 0.0, 0.0)  # an idle machine")
+    _, after = run({}, before="import smallscale.launch as L; L._load_average = lambda: 0.0  # an idle machine")
     assert after["wait_policy"] is None and after["tunables"] == MALLOC_TUNABLES
 
 
@@ -110,3 +111,13 @@ def test_allocator_setting_names_the_setting_in_force():
     assert allocator_setting({"GLIBC_TUNABLES": MALLOC_TUNABLES}) == "tuned"
     assert allocator_setting({"GLIBC_TUNABLES": MALLOC_TUNABLES, OPT_OUT_VAR: "1"}) == "opt-out"
     assert allocator_setting({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}) == "preloaded"
+
+
+@pytest.mark.parametrize(("loadavg", "busy"), [("1.50 1.20 1.00 1/300 123", 0.0), ("1.50 1.20 1.00 3/300 123", 1.5)])
+def test_load_counts_only_while_another_process_runs(tmp_path, monkeypatch, loadavg, busy):
+    # the 1-minute average lags: a job that ended a moment ago leaves it high with nothing running
+    import smallscale.launch as launch
+
+    (tmp_path / "loadavg").write_text(loadavg + "\n")
+    monkeypatch.setattr(launch, "Path", lambda p: tmp_path / "loadavg" if p == "/proc/loadavg" else Path(p))
+    assert launch._load_average() == busy
