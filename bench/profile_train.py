@@ -62,7 +62,6 @@ def main() -> None:
     restrict_isa(args.isa)
     out = args.out or ("bench/results/train_profile.json" if args.isa == "native" else f"bench/results/train_profile_{args.isa}.json")
 
-    import torch
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile
 

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from smallscale.data.tokenizer import train_tokenizer
-from smallscale.errors import UserError
 from smallscale.eval.scoring import choice_accuracy, encode_request, loglikelihood, pick
 from smallscale.model.gpt import GPT, GPTConfig, GPTOutput
 from tests.conftest import synthetic_docs

@@ -179,7 +179,7 @@ def _run_owned(spec: RunSpec, out: Path, progress: bool, labels: RunLabels) -> d
                 name = ev.get("name") or ev["task"]
                 if result_path(out, name).exists():
                     continue
-                status = _write_status(status_path, stage=f"eval:{name}")
+                _write_status(status_path, stage=f"eval:{name}")
                 loaded = loaded or load_run(out, device=device)
                 result = run_task(ev["task"], loaded, limit=ev.get("limit"), batch_size=ev.get("batch_size"),
                                   device=device, **ev.get("options", {}))  # fmt: skip
