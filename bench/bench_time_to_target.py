@@ -16,6 +16,10 @@ the few evaluations a user would need, not of a dense curve.
     bash dev.sh shell python bench/bench_time_to_target.py                     # native ISA, precision auto
     bash dev.sh shell python bench/bench_time_to_target.py --isa avx2          # AVX2-restricted, fp32
     bash dev.sh shell python bench/bench_time_to_target.py -s optim.lr=3e-3    # a variant of the recipe
+    bash dev.sh shell python bench/bench_time_to_target.py --screen --out /tmp/screen.json -s ...  # rank variants
+
+`--screen` runs the calibration run only (half the cost) and reports its coarse hits (evaluations every
+tenth of the run; `seconds_one_eval` less the earlier evaluations' cost); it writes only to an explicit --out.
 
 Writes bench/results/time_to_target.json (one entry per --label, default the ISA setting), with the
 CPU model, ISA flags, threads, precision, the config and the per-target times.
@@ -70,7 +74,7 @@ def split_documents() -> tuple[list[str], list[str]]:
 
 def prepare_dataset(vocab_size: int, tokenizer: str = "bpe") -> Path:
     """The 90/10 dataset for this vocabulary (reused when it exists with the same settings)."""
-    from smallscale.data.shards import PrepareConfig, prepare
+    from smallscale.data.shards import FORMAT_VERSION, PrepareConfig, prepare
 
     WORK.mkdir(parents=True, exist_ok=True)
     head, tail = split_documents()
@@ -80,8 +84,10 @@ def prepare_dataset(vocab_size: int, tokenizer: str = "bpe") -> Path:
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
     out = WORK / f"shakespeare-90-10-{tokenizer}{vocab_size}"
+    manifest = out / "manifest.json"  # a cache: one from an older dataset format is rebuilt, not refused
+    stale = manifest.exists() and json.loads(manifest.read_text()).get("format_version") != FORMAT_VERSION
     prepare(PrepareConfig(source=str(WORK / "head90.jsonl"), val_source=str(WORK / "tail10.jsonl"), out=str(out),
-                          tokenizer=tokenizer, vocab_size=vocab_size, workers=1), progress=False)  # fmt: skip
+                          tokenizer=tokenizer, vocab_size=vocab_size, workers=1), progress=False, force=stale)  # fmt: skip
     return out
 
 
@@ -132,8 +138,24 @@ def timed_evals(crossings: list[int], batch_tokens: int, total_tokens: int) -> l
     return sorted(points)
 
 
-def time_to_targets(config: Path, overrides: list[str], env: dict[str, str], targets: tuple[float, ...], name: str) -> dict:
-    """Calibrate, then time; returns the per-target result and both runs' curves."""
+def target_hits(run: dict, targets: tuple[float, ...]) -> dict:
+    """Per target: the first evaluation at or below it, timed from the process start (evaluations included),
+    and `seconds_one_eval`: that time less the earlier evaluations' cost (as if only the hit was evaluated)."""
+    startup, per_target = run["summary"]["startup_s"], {}
+    for target in targets:
+        hit = crossing(run["evals"], target)
+        earlier_eval_s = 0.0 if hit is None else sum(e["eval_s"] for e in run["evals"] if e["tokens"] < hit["tokens"])
+        per_target[f"{target:.2f}"] = None if hit is None else {
+            "seconds": round(startup + hit["elapsed_s"], 2), "seconds_one_eval": round(startup + hit["elapsed_s"] - earlier_eval_s, 2),
+            "tokens": hit["tokens"], "step": hit["step"], "val_bpb": round(hit["val_bpb"], 4),
+        }  # fmt: skip
+    return per_target
+
+
+def time_to_targets(config: Path, overrides: list[str], env: dict[str, str], targets: tuple[float, ...], name: str,
+                    screen: bool = False) -> dict:  # fmt: skip
+    """Calibrate, then time; returns the per-target result and both runs' curves. `screen`: the calibration
+    run only (half the cost, for ranking configs), its hits timed with evaluations every tenth of the run."""
     cfg = read_yaml(config)
     train = {**cfg.get("train", {}), **_train_overrides(overrides)}
     batch = int(train["global_batch_tokens"])
@@ -141,21 +163,18 @@ def time_to_targets(config: Path, overrides: list[str], env: dict[str, str], tar
     calibration_points = [total * k // 10 // batch * batch for k in range(1, 10)]
     calib = run_training(config, [*overrides, f"train.eval_at_tokens={calibration_points}", "train.eval_every_tokens=null"],
                          WORK / "runs" / f"{name}-calibrate", env)  # fmt: skip
-    expected = [interpolated_tokens(calib["evals"], t) for t in targets]
-    points = timed_evals([t for t in expected if t is not None], batch, total)
-    timed = run_training(config, [*overrides, f"train.eval_at_tokens={points}", "train.eval_every_tokens=null"],
-                         WORK / "runs" / f"{name}-timed", env)  # fmt: skip
+    if screen:
+        timed = calib
+    else:
+        expected = [interpolated_tokens(calib["evals"], t) for t in targets]
+        points = timed_evals([t for t in expected if t is not None], batch, total)
+        timed = run_training(config, [*overrides, f"train.eval_at_tokens={points}", "train.eval_every_tokens=null"],
+                             WORK / "runs" / f"{name}-timed", env)  # fmt: skip
     startup = timed["summary"]["startup_s"]
-    per_target = {}
-    for target in targets:
-        hit = crossing(timed["evals"], target)
-        per_target[f"{target:.2f}"] = None if hit is None else {
-            "seconds": round(startup + hit["elapsed_s"], 2), "tokens": hit["tokens"], "step": hit["step"],
-            "val_bpb": round(hit["val_bpb"], 4),
-        }  # fmt: skip
     final = timed["summary"]
     return {
-        "targets": per_target,
+        "screen": screen,
+        "targets": target_hits(timed, targets),
         "final_val_bpb": round(final["val_bpb"], 4),
         "run_seconds": round(startup + final["wall_s"], 2),
         "startup_s": round(startup, 2),
@@ -178,10 +197,11 @@ def _train_overrides(overrides: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "speedrun-cpu.yaml")
-    parser.add_argument("--vocab-size", type=int, default=None, help="default: the config's `bench.vocab_size` comment value")
+    parser.add_argument("--vocab-size", type=int, default=None, help="default: the <V> that ends the config's data.path (...bpe<V>)")
     parser.add_argument("--isa", choices=("native", "avx2"), default="native", help="avx2: restrict to AVX2 + FMA, fp32")
     parser.add_argument("-s", "--set", action="append", default=[], help="key=value override of the config")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    parser.add_argument("--screen", action="store_true", help="calibration run only: a cheaper, coarser ranking of configs")
     parser.add_argument("--label", default=None, help="results key (default: the --isa value)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -198,9 +218,11 @@ def main() -> None:
         "config": str(args.config.relative_to(REPO)) if args.config.is_relative_to(REPO) else str(args.config),
         "vocab_size": vocab,
         "overrides": args.set,
-        **time_to_targets(args.config, overrides, env, tuple(args.targets), label),
+        **time_to_targets(args.config, overrides, env, tuple(args.targets), label, args.screen),
     }
     print(json.dumps({k: v for k, v in result.items() if "evals" not in k}, indent=2))
+    if args.screen and args.out == RESULTS:
+        return  # screening numbers are not the benchmark's result
     existing = json.loads(args.out.read_text()) if args.out.exists() else {}
     existing[label] = result
     atomic_write_json(args.out, existing)
