@@ -180,3 +180,11 @@ def test_run_config_from_a_file_names_the_file_and_key(tmp_path):
     path = write(tmp_path, f"out: {tmp_path / 'r'}\ndata: {{path: {tmp_path}}}\ntrain: {{steps: 1, compile: sometimes}}\n")
     assert one_line_error(load_run_config, path, []).startswith(f"{path}: invalid value for 'train.compile'")
     assert isinstance(load_run_config(path, ["train.compile=auto"]), RunConfig)
+
+
+def test_overriding_steps_over_a_config_with_tokens_says_how():
+    from smallscale.train.trainer import load_run_config
+
+    with pytest.raises(UserError, match=r"train.tokens \(4096\) and train.steps \(40\); to override one, also set the other to null"):
+        load_run_config(None, ["data.path=x", "out=y", "train.tokens=4096", "train.steps=40"])
+    assert load_run_config(None, ["data.path=x", "out=y", "train.tokens=null", "train.steps=40"]).train.steps == 40

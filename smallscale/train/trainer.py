@@ -127,7 +127,10 @@ class TrainSection(Strict):
 
     @model_validator(mode="after")
     def _budget(self) -> TrainSection:
-        if (self.tokens is None) == (self.steps is None):
+        if self.tokens is not None and self.steps is not None:  # e.g. train.steps=N over a config that sets tokens
+            raise ValueError(f"set exactly one of train.tokens ({self.tokens}) and train.steps ({self.steps}); "
+                             "to override one, also set the other to null, e.g. train.tokens=null train.steps=N")
+        if self.tokens is None and self.steps is None:
             raise ValueError("set exactly one of train.tokens and train.steps")
         return self
 
