@@ -47,7 +47,15 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from smallscale.config import Strict, read_yaml, validate
 from smallscale.data import sources as sources_mod
 from smallscale.data.loader import TokenArray
-from smallscale.data.shards import FORMAT_VERSION, PrepareConfig, load_manifest, prepare, read_split, train_documents
+from smallscale.data.shards import (
+    FORMAT_VERSION,
+    PrepareConfig,
+    load_manifest,
+    prepare,
+    read_split,
+    setting_differences,
+    train_documents,
+)
 from smallscale.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from smallscale.errors import UserError
 from smallscale.io import atomic_write_bytes, atomic_write_json, sha256_file, writing
@@ -359,23 +367,6 @@ def _settings(cfg: MixtureConfig, tokenizer_sha256: str | None) -> dict:
     return settings
 
 
-def _differences(recorded: dict, wanted: dict) -> list[str]:
-    diffs = []
-    for key in sorted(set(recorded) | set(wanted)):
-        old, new = recorded.get(key), wanted.get(key)
-        if old == new:
-            continue
-        if key == "sources" and isinstance(old, dict) and isinstance(new, dict):
-            for name in sorted(set(old) | set(new)):
-                if old.get(name) != new.get(name):
-                    diffs.append(f"source {name}: {old.get(name)!r} -> {new.get(name)!r}")
-        elif key == "tokenizer_sha256":
-            diffs.append("tokenizer file content (sha256 differs)")
-        else:
-            diffs.append(f"{key}: {old!r} -> {new!r}")
-    return diffs
-
-
 def _discard(out: Path) -> None:
     """Delete what `prepare_mixture` writes into `out`, the manifest first."""
     from smallscale.data.shards import VERIFIED_FILE
@@ -415,7 +406,7 @@ def _reuse(cfg: MixtureConfig, settings: dict, progress: bool) -> dict | None:
     manifest = load_manifest(out)
     if "mixture" not in manifest:
         raise UserError(f"{str(out)!r} already holds a dataset that is not a mixture; pass --force to replace it, or choose another --out")
-    diffs = _differences(manifest.get("settings", {}), settings)
+    diffs = setting_differences(manifest.get("settings", {}), settings, per_entry={"sources": "source"})
     if diffs:
         raise UserError(f"{str(out)!r} already holds a mixture made with other settings ({'; '.join(diffs)}); "
                         "pass --force to rebuild it, or choose another --out")  # fmt: skip

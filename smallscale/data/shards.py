@@ -631,14 +631,19 @@ def _source_files(source: str, parts: list[sources.Part]) -> dict | None:
     return {"files": len(files), "sha256": digest.hexdigest()}
 
 
-def _differences(recorded: dict, wanted: dict) -> list[str]:
-    """'name: old -> new' for each setting that differs (source files summarised, not listed)."""
+def setting_differences(recorded: dict, wanted: dict, per_entry: dict[str, str] | None = None) -> list[str]:
+    """'name: old -> new' for each setting that differs (source files summarised, not listed).
+    `per_entry` maps a setting whose value is a mapping (a mixture's `sources`) to the label its
+    entries are reported under, one line per entry that differs ('source NAME: old -> new')."""
     diffs = []
     for key in sorted(set(recorded) | set(wanted)):
         old, new = recorded.get(key), wanted.get(key)
         if old == new:
             continue
-        if key == "source_files":
+        if key in (per_entry or {}) and isinstance(old, dict) and isinstance(new, dict):
+            diffs += [f"{per_entry[key]} {name}: {old.get(name)!r} -> {new.get(name)!r}"
+                      for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]  # fmt: skip
+        elif key == "source_files":
             diffs.append("source files (changed since: sizes or modification times differ)")
         elif key == "tokenizer_sha256":
             diffs.append("tokenizer file content (sha256 differs)")
@@ -673,7 +678,7 @@ def _reuse(out: Path, settings: dict, progress: bool) -> dict:
             f"{str(out)!r} holds a dataset from an older smallscale that did not record its settings; "
             "pass --force to rebuild it, or choose another --out"
         )
-    diffs = _differences(manifest["settings"], settings)
+    diffs = setting_differences(manifest["settings"], settings)
     if diffs:
         raise UserError(
             f"{str(out)!r} already holds a dataset prepared with other settings ({'; '.join(diffs)}); "
