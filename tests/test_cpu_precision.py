@@ -111,3 +111,14 @@ def test_the_peak_cache_is_per_dtype_and_thread_count_and_optional(tmp_path, mon
     (tmp_path / "ro" / telemetry.PEAK_CACHE_FILE).mkdir()  # not a file: unreadable and unwritable as one
     monkeypatch.setenv("SMALLSCALE_CACHE", str(tmp_path / "ro"))
     assert telemetry.cached_cpu_matmul_peak(torch.float32) == 2e9
+
+
+@pytest.mark.parametrize("entry", ['"x"', '{"flops": "abc", "measurements": 9}', '{"flops": -1, "measurements": 9}',
+                                   '{"flops": 1e400, "measurements": 9}', '{"measurements": 9}'])  # fmt: skip
+def test_a_damaged_peak_cache_entry_is_measured_again(tmp_path, monkeypatch, entry):
+    monkeypatch.setenv("SMALLSCALE_CACHE", str(tmp_path))
+    key = telemetry.cpu_peak_key(torch.float32)
+    (tmp_path / telemetry.PEAK_CACHE_FILE).write_text(f"{{{json.dumps(key)}: {entry}}}")
+    monkeypatch.setattr(telemetry, "measure_cpu_matmul_peak", lambda dtype: 2e9)
+    assert telemetry.cached_cpu_matmul_peak(torch.float32) == 2e9
+    assert json.loads((tmp_path / telemetry.PEAK_CACHE_FILE).read_text())[key] == {"flops": 2e9, "measurements": 1}

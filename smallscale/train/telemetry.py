@@ -8,6 +8,7 @@ GPUs and from a timed matmul elsewhere (CPU, unknown GPUs); `device_peak_flops` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -183,16 +184,20 @@ def cached_cpu_matmul_peak(dtype: torch.dtype) -> float:
     path, key = _peak_cache_path(), cpu_peak_key(dtype)
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
-        entry = cache.get(key) if isinstance(cache, dict) else None
     except (OSError, ValueError):
-        cache, entry = {}, None
-    if isinstance(entry, dict) and entry.get("measurements", 0) >= PEAK_MEASUREMENTS and entry.get("flops", 0) > 0:
-        return float(entry["flops"])
-    peak = measure_cpu_matmul_peak(dtype)
-    previous = entry if isinstance(entry, dict) else {}
-    best = max(peak, float(previous.get("flops", 0.0) or 0.0))
+        cache = {}
     cache = cache if isinstance(cache, dict) else {}
-    cache[key] = {"flops": best, "measurements": int(previous.get("measurements", 0) or 0) + 1}
+    entry = cache.get(key)
+    try:  # an entry of any other shape (an edited or damaged file) counts as no measurement
+        flops, measurements = float(entry["flops"]), int(entry["measurements"])
+        if not (math.isfinite(flops) and flops > 0):
+            raise ValueError(flops)
+    except (TypeError, KeyError, ValueError, OverflowError):
+        flops, measurements = 0.0, 0
+    if measurements >= PEAK_MEASUREMENTS:
+        return flops
+    best = max(measure_cpu_matmul_peak(dtype), flops)
+    cache[key] = {"flops": best, "measurements": measurements + 1}
     try:
         from smallscale.io import atomic_write_json
 
