@@ -141,6 +141,25 @@ def test_splitting_a_large_file_into_byte_ranges_changes_nothing(tmp_path):
         assert [s["sha256"] for s in parts["splits"][split]["shards"]] == [s["sha256"] for s in whole["splits"][split]["shards"]]
 
 
+def test_a_worker_loads_the_tokenizer_once_for_all_its_parts(tmp_path):
+    # one load per part left ~4.5 MB of native heap behind each time: a worker's memory grew with
+    # the corpus (bench/bench_prepare_scale.py: 229 MB per worker at 200 MB, 395 MB at 2 GB)
+    from smallscale.data import sources
+    from tests.conftest import synthetic_docs
+
+    shards = shards_mod
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("\n".join(synthetic_docs(400, seed=6)), encoding="utf-8")
+    first = prepare(PrepareConfig(source=str(corpus), out=str(tmp_path / "a"), split_by="line", vocab_size=300, workers=1), progress=False)
+    shards._worker_tokenizer.cache_clear()
+    tok = str(tmp_path / "a" / "tokenizer.json")
+    again = prepare(PrepareConfig(source=str(corpus), out=str(tmp_path / "b"), split_by="line", tokenizer=tok, part_bytes=2048, workers=1), progress=False)
+    n_parts = len(sources.resolve_parts(str(corpus), sources.SourceOptions(split_by="line", part_bytes=2048)))
+    assert n_parts >= 5 and again["documents_read"] == first["documents_read"] == 400
+    assert shards._worker_tokenizer.cache_info()[:2] == (n_parts - 1, 1)  # (hits, misses): one load
+    assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == [s["sha256"] for s in first["splits"]["train"]["shards"]]
+
+
 def test_a_val_source_is_the_whole_val_split_and_source_the_whole_train_split(tmp_path):
     from tests.conftest import synthetic_docs
 

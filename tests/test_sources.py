@@ -145,6 +145,18 @@ def test_parquet_row_groups_are_parts_in_order(tmp_path):
     assert [d for p in per_part for d in p] == texts
 
 
+def test_a_row_group_larger_than_a_read_batch_is_read_whole_and_in_order(tmp_path, monkeypatch):
+    import smallscale.data.sources as sources_module
+
+    monkeypatch.setattr(sources_module, "PARQUET_BATCH_ROWS", 4)  # row groups of 10: batches 4+4+2
+    path = tmp_path / "data.parquet"
+    texts = [f"document {i}" for i in range(25)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=10)
+    per_part = docs_by_part(path)
+    assert [len(p) for p in per_part] == [10, 10, 5]
+    assert [d for p in per_part for d in p] == texts
+
+
 def test_gzip_and_zstd_files_are_read_as_one_part_each(tmp_path):
     with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("".join(json.dumps({"text": f"gz {i}"}) + "\n" for i in range(50)))
