@@ -159,7 +159,7 @@ def bench_compile_cpu2m() -> dict:
 FAST_PATH_SHAPES = {
     "bench": (16, 256, 4, 8192),
     "cpu-500k": (16, 48, 3, 4096),
-    "cpu-2m": (16, 112, 4, 4096),
+    "cpu-2m": (16, 128, 4, 4096),
     "cpu-6m": (8, 192, 6, 8192),
 }
 FAST_PATH_SEQ = 256

@@ -1,6 +1,7 @@
 """Generation speed with and without the KV cache, measured side by side in one run.
 
-Model: the `cpu-2m` shape (n_layer 7, d_model 112, 4 heads, seq 256) at vocab 4096, default
+Model: the `cpu-2m` preset (5 layers, d_model 128, 4 heads, seq 256; bench/results/generate.json
+was measured at its former 7 x 112 shape) at vocab 4096, default
 architecture (rope + rmsnorm + swiglu), random weights. Each case continues a 32-token random prompt
 by 200 greedy tokens (no EOS, so every row runs all 200 steps) at batch 1 and 8; tokens/s counts
 new tokens over all rows, end to end (prefill included). Without the cache every step reruns the

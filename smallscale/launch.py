@@ -35,7 +35,7 @@ MALLOC_TUNABLES = (
 _USER_CHOICE_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 # OpenMP wait policy. libgomp's default spins ~300000 rounds (~3 ms) before an idle thread sleeps:
 # fastest alone, but next to another busy process the spinning threads take the cores it needs.
-# bench/bench_threads.py --part policy (AMD EPYC Zen 5, 2 cores, fp32, cpu-2m, 2 threads, medians of
+# bench/bench_threads.py --part policy (AMD EPYC Zen 5, 2 cores, fp32, cpu-2m at its former 7 x 112 shape, 2 threads, medians of
 # 2): alone, default 11,248 tokens/s vs PASSIVE 9,770 (-13%); next to a process busy on one core,
 # default 3,250 vs PASSIVE 5,942 (+83%); bf16: alone 25,826 vs 17,673 (-32%), next to a busy core
 # 7,939 vs 14,458 (+82%). So PASSIVE when other processes already keep at least

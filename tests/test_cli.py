@@ -35,4 +35,4 @@ def test_user_mistakes_are_one_line_errors(tmp_path, args, words):
 
 def test_model_list_prints_exact_counts():
     proc = subprocess.run([*CLI, "model", "list", "--json"], capture_output=True, text=True, check=True)
-    assert '"cpu-2m"' in proc.stdout and "2023056" in proc.stdout.replace(",", "").replace(" ", "")
+    assert '"cpu-2m"' in proc.stdout and "2114944" in proc.stdout.replace(",", "").replace(" ", "")

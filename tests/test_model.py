@@ -159,10 +159,16 @@ def default_arch_params(vocab_size: int, n_layer: int, d_model: int) -> int:
     return vocab_size * d_model + n_layer * (4 * d_model**2 + 3 * d_model * hidden + 2 * d_model) + d_model
 
 
-def test_presets_are_within_4_percent_of_their_names():
+def test_presets_are_within_6_percent_of_their_names():
     assert PRESETS.keys() == NOMINAL.keys()
     for row in preset_table():
-        assert abs(row["params"] / NOMINAL[row["name"]] - 1) < 0.04, row
+        assert abs(row["params"] / NOMINAL[row["name"]] - 1) < 0.06, row
+
+
+def test_cpu_preset_widths_and_head_dims_are_multiples_of_16():
+    # matmuls at these sizes run best (or no worse) at multiples of 16: bench/bench_cpu_presets.py
+    for name, shape in PRESETS.items():
+        assert shape["d_model"] % 16 == 0 and (shape["d_model"] // shape["n_head"]) % 16 == 0, name
 
 
 def test_preset_table_is_exact():

@@ -233,13 +233,14 @@ def use_fast_path(name: FastPath, device_type: str, dtype: torch.dtype) -> bool:
     `_LinearCrossEntropy` against F.cross_entropy on the logits (AVX2 fp32 541 vs 560 ms, AVX-512
     fp32 543 vs 566, bf16 148 vs 183), `_RMSNormFunction` against F.rms_norm (2.1 vs 3.1 ms, 2.4 vs
     3.7, 2.5 vs 3.8) and positions' `_Rotary` against transformers' rotate_half expression (4.2 vs
-    4.9 ms, 4.7 vs 5.4, 2.7 vs 3.0; the one exception, cpu-500k on AVX2, is 1.09 vs 1.02 ms).
+    4.9 ms, 4.7 vs 5.4, 2.7 vs 3.0; the exceptions, cpu-500k on AVX2 1.09 vs 1.02 ms and cpu-2m
+    in fp32 with AVX-512 2.00 vs 1.90, are within noise of a 2 ms operation).
     """
     if device_type != "cpu":
         return False  # not measured off CPU: SDPA, and autograd's own layout for the head gradient
     if name == "matmul_attention":
         # bf16: SDPA's flash backward is slow: 47.4 ms against 17.7 for two batched matmuls and a
-        # softmax (cpu-2m shape 34.7 vs 14.4). fp32: SDPA is faster, with AVX-512 (45.9 vs 48.6 ms;
+        # softmax (cpu-2m shape 31.5 vs 11.3). fp32: SDPA is faster, with AVX-512 (45.9 vs 48.6 ms;
         # cpu-500k 11.7 vs 17.4) and on AVX2 (45.6 vs 47.8; cpu-500k 12.2 vs 16.1).
         return dtype == torch.bfloat16
     # transposed_head_grad: (h^T.contiguous() @ dlogits)^T against autograd's dlogits^T @ h for

@@ -261,7 +261,7 @@ def _gpu_count() -> int:
 
 def default_cpu_workers(cpus: int) -> int:
     """The pool's worker count on a machine without GPUs: one single-thread run per usable core.
-    bench/bench_threads.py --part pool (AMD EPYC Zen 5, 2 cores, two cpu-2m runs of 10 steps of 2048
+    bench/bench_threads.py --part pool (AMD EPYC Zen 5, 2 cores, two runs of cpu-2m (its former 7 x 112 shape) of 10 steps of 2048
     tokens, medians of 2): pool of 2 single-thread workers 13.5 s wall (6.3k tokens/s each) against
     19.9 s one after the other with 2 threads (10.0k tokens/s); bf16 11.7 s vs 18.2 s. Before this
     policy, 2 workers of 2 threads each oversubscribed the cores: 43.0 s (fp32), 26.7 s (bf16)."""

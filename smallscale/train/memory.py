@@ -40,7 +40,7 @@ weights, gradients and optimizer state by the world size and gathers one block's
 weights at a time. Model FLOPs and device time are `study plan`'s business; this module is bytes.
 
 Validated on CPU (bench/bench_memory.py --validate, bench/results/memory_model.json): the tensor
-bytes of a step match a count of live tensors to 0.1% in bf16 (cpu-2m to 80m) and to 0.7% in fp32
+bytes of a step match a count of live tensors to 0.1% in bf16 (cpu-2m, then 7 x 112, to 80m) and to 0.7% in fp32
 (cpu-6m, 20m); the process's peak resident memory is within 15% (AMD EPYC Zen 5, tuned malloc). The CUDA overheads (context, allocator slack) are documented figures, not
 measured here; bench/gpu_check.py compares the tensor bytes with torch.cuda.max_memory_allocated.
 """

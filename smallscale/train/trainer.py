@@ -87,7 +87,7 @@ class ModelSection(Strict):
 # cache (bench/bench_components.py 'compile_cpu2m', with and without an empty
 # TORCHINDUCTOR_CACHE_DIR), then saves 25-30% of every step
 # (bench/bench_train.py: 316 -> 231 ms at 5M parameters; bench/bench_components.py, 'compile_cpu2m':
-# 131-155 -> 97-102 ms for cpu-2m at micro-batch 8), so it repays itself within a few hundred steps.
+# 131-155 -> 97-102 ms for cpu-2m, then 7 x 112, at micro-batch 8), so it repays itself within a few hundred steps.
 AUTO_COMPILE_MIN_STEPS = 1000
 
 
