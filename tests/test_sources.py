@@ -136,6 +136,30 @@ def test_json_array_files_are_read_as_records(tmp_path):
     assert docs(path) == ["a", "b"]
 
 
+def test_a_json_array_is_read_as_a_stream(tmp_path):
+    # records come one at a time: the first is read before the broken tail is reached, which
+    # json.loads of the whole file (memory: the file and all its records at once) could not do
+    path = tmp_path / "data.json"
+    path.write_text('[{"text": "first"}, {"text": "second"}, {"text": "unterminated}', encoding="utf-8")
+    records = read_part(resolve_parts(str(path), SourceOptions())[0])
+    assert next(records) == "first" and next(records) == "second"
+    with pytest.raises(UserError, match=r"data.json is not valid JSON after record 2 \(.*\); fix the file$"):
+        next(records)
+
+
+def test_a_json_array_keeps_utf8_rules_of_every_source(tmp_path):
+    # invalid UTF-8 and lone surrogate escapes become U+FFFD and are counted; real U+FFFD and
+    # surrogate pairs are kept; a byte-order mark is dropped
+    bad_bytes = tmp_path / "bytes.json"
+    bad_bytes.write_bytes(b'\xef\xbb\xbf[{"text": "bad \xff byte \xef\xbf\xbd real"}]')
+    surrogates = tmp_path / "escapes.json"
+    surrogates.write_text(json.dumps([{"text": "lone \ud800 pair \U0001f600"}]), encoding="utf-8")
+    for path, expected in ((bad_bytes, "bad \ufffd byte \ufffd real"), (surrogates, "lone \ufffd pair \U0001f600")):
+        stats = ReadStats()
+        assert list(read_part(resolve_parts(str(path), SourceOptions())[0], stats)) == [expected]
+        assert stats.replaced_chars == 1, path
+
+
 def test_parquet_row_groups_are_parts_in_order(tmp_path):
     path = tmp_path / "data.parquet"
     texts = [f"document {i}" for i in range(10)]

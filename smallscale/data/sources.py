@@ -29,6 +29,7 @@ calls `check_nonempty`.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import functools
@@ -585,17 +586,89 @@ def _read_jsonl(part: Part, stats: ReadStats | None) -> Iterator[str]:
 
 
 def _read_json_array(part: Part, stats: ReadStats | None) -> Iterator[str]:
+    """The records of a JSON array file, parsed as a stream (ijson): memory stays at one record
+    whatever the file's size, where json.loads held the whole text and every record at once.
+
+    ijson's C backend (~2 GB/s) turns a lone surrogate escape ("\\ud800") into "?"; a file with
+    any surrogate escape is parsed by its pure-Python backend (~15 MB/s), which keeps it, so that
+    it is replaced and counted as everywhere else (`_replace_surrogates`)."""
+    import ijson
+
+    parser = ijson.get_backend("python") if _has_surrogate_escape(part.path) else ijson
     with _open_binary(part.path) as f:
-        data = f.read()
-    _check_no_nul(data, part.path, 0)
-    text = _decode(data, stats).removeprefix("\ufeff")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{part.path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
-    for i, record in enumerate(records):
-        where = functools.partial(str, f"record {i} of {part.path}")
-        yield from _record_docs(_record_value(record, part, where), part, where, stats)
+        records = parser.items(_CleanUtf8(f, part.path, stats), "item", use_float=True)
+        i = 0
+        while True:
+            try:
+                record = next(records, _END)
+            except ijson.JSONError as e:
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
+                raise UserError(f"{part.path} is not valid JSON after record {i} ({reason}); fix the file") from None
+            if record is _END:
+                return
+            where = functools.partial(str, f"record {i} of {part.path}")
+            yield from _record_docs(_record_value(record, part, where), part, where, stats)
+            i += 1
+
+
+_END = object()
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_surrogate_escape(path: str) -> bool:
+    tail = b""
+    with _open_binary(path) as f:
+        while chunk := f.read(2**22):
+            if _SURROGATE_ESCAPE.search(tail + chunk):
+                return True
+            tail = chunk[-5:]
+    return False
+
+
+class _CleanUtf8(io.RawIOBase):
+    """A binary file as ijson should see it: NUL bytes refused (as in every text source), invalid
+    UTF-8 replaced by U+FFFD and counted in `stats`, a leading byte-order mark dropped."""
+
+    def __init__(self, raw: IO[bytes], path: str, stats: ReadStats | None):
+        self.raw, self.path, self.stats = raw, path, stats
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors=_COUNTING_REPLACE)
+        self.offset, self.pending = 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            chunk = self.raw.read(2**20)
+            _check_no_nul(chunk, self.path, self.offset)
+            before = _REPLACED[0]
+            text = self.decoder.decode(chunk, final=not chunk)
+            if self.stats is not None:
+                self.stats.replaced_chars += _REPLACED[0] - before
+            if self.offset == 0:
+                text = text.removeprefix("\ufeff")
+            self.offset += len(chunk)
+            self.pending = text.encode("utf-8")
+            if not chunk:
+                break
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+
+# Python's "replace" handler, counting what it replaces (U+FFFD already in the input is not counted).
+_REPLACED = [0]
+_COUNTING_REPLACE = "smallscale.count_replace"
+
+
+def _count_replace(error: UnicodeError) -> tuple[str, int]:
+    assert isinstance(error, UnicodeDecodeError)
+    _REPLACED[0] += 1
+    return "\ufffd", error.end
+
+
+codecs.register_error(_COUNTING_REPLACE, _count_replace)
 
 
 PARQUET_BATCH_ROWS = 1024
