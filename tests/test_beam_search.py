@@ -149,3 +149,21 @@ def test_bad_arguments_are_user_errors(random_gpt, kwargs, message):
     args = {"input_ids": torch.tensor([[1, 2, 3]]), "max_new_tokens": 4, "beam_size": 2, **kwargs}
     with pytest.raises(UserError, match=message):
         beam_search(random_gpt, **args)
+
+
+@pytest.mark.parametrize(
+    "prompt", [torch.tensor([START, A]), torch.tensor([[0.0, 1.0]]), torch.zeros((2, 0), dtype=torch.long)],
+    ids=["1-d", "float", "no-tokens"],
+)
+def test_beam_search_and_generate_refuse_a_bad_prompt_alike(prompt):
+    model = bigram_gpt(MYOPIC)
+    messages = []
+    for decode in (beam_search, generate):
+        with pytest.raises(UserError, match=r"input_ids must be a non-empty \(batch, tokens\) long tensor") as err:
+            decode(model, prompt, 2)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+
+
+def test_beam_search_over_no_prompts_returns_no_hypotheses():
+    assert beam_search(bigram_gpt(MYOPIC), torch.zeros((0, 3), dtype=torch.long), 2) == []

@@ -49,6 +49,18 @@ def check_length(model: GPT, prompt_tokens: int, max_new_tokens: int) -> None:
         )
 
 
+def check_prompts(model: GPT, input_ids: Tensor, max_new_tokens: int) -> tuple[int, int]:
+    """(batch, prompt tokens) of input_ids; a UserError unless it is a (batch, tokens) long tensor
+    with at least one token per row whose prompts plus max_new_tokens fit the model's context."""
+    if input_ids.dim() != 2 or input_ids.size(1) == 0 or input_ids.dtype != torch.long:
+        raise UserError(
+            f"input_ids must be a non-empty (batch, tokens) long tensor, got shape {tuple(input_ids.shape)} "
+            f"and dtype {input_ids.dtype}"
+        )
+    check_length(model, input_ids.size(1), max_new_tokens)
+    return input_ids.size(0), input_ids.size(1)
+
+
 def sample_next(
     logits: Tensor,
     temperature: float = 1.0,
@@ -101,11 +113,6 @@ def generate(
     Sampling draws from `generator` (on the model's device) if given, else torch's global RNG.
     The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
     """
-    if input_ids.dim() != 2 or input_ids.size(1) == 0 or input_ids.dtype != torch.long:
-        raise UserError(
-            f"input_ids must be a non-empty (batch, tokens) long tensor, got shape {tuple(input_ids.shape)} "
-            f"and dtype {input_ids.dtype}"
-        )
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -114,8 +121,7 @@ def generate(
         raise UserError(f"top_k must be a positive integer or None, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
-    B, T = input_ids.shape
-    check_length(model, T, max_new_tokens)
+    B, T = check_prompts(model, input_ids, max_new_tokens)
 
     device = model.tok_emb.weight.device
     tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
@@ -223,11 +229,6 @@ def beam_search(
     batch of up to B * beam_size rows, and a prompt's rows leave the batch when its search stops.
     Without eos_id no hypothesis ends early. beam_size 1 is greedy decoding. The model runs in eval
     mode and gets its previous mode back afterwards."""
-    if input_ids.dim() != 2 or input_ids.numel() == 0 or input_ids.dtype != torch.long:
-        raise UserError(
-            f"input_ids must be a non-empty (batch, tokens) long tensor, got shape {tuple(input_ids.shape)} "
-            f"and dtype {input_ids.dtype}"
-        )
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1 for beam search, got {max_new_tokens}")
     if beam_size < 1:
@@ -236,8 +237,7 @@ def beam_search(
         raise UserError(f"length_penalty must be >= 0 (1 = mean log-probability per token), got {length_penalty}")
     if beam_size >= model.cfg.vocab_size:
         raise UserError(f"beam_size {beam_size} must be smaller than the vocabulary ({model.cfg.vocab_size} tokens)")
-    n_prompts, T = input_ids.shape
-    check_length(model, T, max_new_tokens)
+    n_prompts, T = check_prompts(model, input_ids, max_new_tokens)
 
     device = model.tok_emb.weight.device
     prompts = input_ids.to(device)
