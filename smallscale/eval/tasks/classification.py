@@ -68,9 +68,9 @@ from smallscale.data.builtins import BuiltinFile, fetch
 from smallscale.data.tokenizer import eos_id
 from smallscale.errors import UserError
 from smallscale.eval.scoring import NORMALISATIONS, model_scorer, pick, stderr
+from smallscale.eval.tasks.finetuning import OPTIMIZER, SCHEDULE, Finetuner
 from smallscale.eval.tasks.multiple_choice import ChoiceExample, score_choices
 from smallscale.model.gpt import GPT
-from smallscale.optim import OptimConfig, param_groups
 
 DELIMITER = " "  # between a zero-shot prompt and each answer word, as lm-eval
 SUBSET_SEED = 0  # the shuffle behind every limit_*, fixed so all models and seeds see the same subset
@@ -399,13 +399,6 @@ def predict(classifier: SequenceClassifier, ids: Sequence[list[int]], batch_size
     return predicted
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, linear decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return (total_steps - step) / max(1, total_steps - warmup_steps)
-
-
 def finetune(
     model: GPT,
     tokenizer: Tokenizer,
@@ -440,43 +433,31 @@ def finetune(
     train_labels = torch.tensor([e.label for e in train])
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    warmup_steps = math.ceil(cfg.warmup_frac * total_steps)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # head init and dropout; the data order has its own generator
         order_rng = torch.Generator().manual_seed(seed)
         classifier = SequenceClassifier(model, len(classes), model.cfg.dropout).to(device).train()
-        groups = param_groups(classifier, OptimConfig(weight_decay=cfg.weight_decay))
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-        step, epoch_losses, best = 0, [], None  # best: (dev macro-F1, epoch, state)
-        bar = _progress_bar(total_steps, progress)
-        try:
+        epoch_losses, best = [], None  # best: (dev macro-F1, epoch, state)
+        trainer = Finetuner(
+            classifier, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+            total_steps=total_steps, warmup_frac=cfg.warmup_frac, progress=progress,
+        )  # fmt: skip
+        with trainer:
             for epoch in range(cfg.epochs):
-                if step >= total_steps:
+                if trainer.steps_done >= total_steps:
                     break
                 epoch_losses = []
                 for batch in torch.randperm(len(train), generator=order_rng).split(cfg.batch_size):
-                    if step >= total_steps:
+                    if trainer.steps_done >= total_steps:
                         break
-                    for group in optimizer.param_groups:
-                        group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup_steps)
                     logits = classifier(*_batch([train_ids[i] for i in batch], device))  # (B, n_classes)
                     loss = F.cross_entropy(logits, train_labels[batch].to(device))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(classifier.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    epoch_losses.append(loss.item())
-                    step += 1
-                    if bar is not None:
-                        bar.update(bar.task_ids[0], advance=1, description=f"fine-tune epoch {epoch + 1} loss {loss.item():.3f}")
+                    epoch_losses.append(trainer.step(loss, f"fine-tune epoch {epoch + 1}"))
                 if dev_ids is not None:
                     dev_f1 = macro_f1(predict(classifier, dev_ids, cfg.eval_batch_size, device), [e.label for e in dev], len(classes))
                     if best is None or dev_f1 > best[0]:
                         best = (dev_f1, epoch + 1, {k: v.detach().clone() for k, v in classifier.state_dict().items()})
-        finally:
-            if bar is not None:
-                bar.stop()
         if best is not None:
             classifier.load_state_dict(best[2])
         predicted = predict(classifier, eval_ids, cfg.eval_batch_size, device)
@@ -484,7 +465,7 @@ def finetune(
     result = classification_metrics(predicted, [e.label for e in evaluate], classes)
     result.update(
         n_train=len(train),
-        steps=step,
+        steps=trainer.steps_done,
         train_loss=sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,  # mean over the last epoch
     )
     if best is not None:
@@ -496,26 +477,15 @@ def finetune(
         "max_len_used": max_len,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
-        "warmup_steps": warmup_steps,
-        "schedule": "linear warmup to lr, then linear decay to 0",
-        "optimizer": "AdamW; no weight decay on embeddings, norms, biases",
+        "warmup_steps": trainer.warmup_steps,
+        "schedule": SCHEDULE,
+        "optimizer": OPTIMIZER,
         "dropout": model.cfg.dropout,
         "pooling": "final-norm hidden state of the last non-pad token",
         "head": f"linear, weights N(0, {HEAD_INIT_STD}), bias 0",
         "input": f"[EOS] + {input_template!r}, first max_len tokens, right-padded",
     }
     return result
-
-
-def _progress_bar(total_steps: int, show: bool | None):
-    if not (show or (show is None and total_steps >= 200)):
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
-    bar.add_task("fine-tune", total=total_steps)
-    bar.start()
-    return bar
 
 
 _HPARAMS = {f.name for f in fields(FinetuneConfig)}

@@ -58,17 +58,17 @@ from pathlib import Path
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 from tokenizers import Tokenizer
-from torch import Tensor, nn
+from torch import Tensor
 
 from smallscale.data.builtins import builtin_paths, get_builtin
 from smallscale.data.tokenizer import eos_id as tokenizer_eos_id
 from smallscale.errors import UserError
 from smallscale.eval.generate import beam_search, cut_at_eos, generate
-from smallscale.eval.tasks.classification import SUBSET_SEED, _progress_bar, lr_factor, subset
+from smallscale.eval.tasks.classification import SUBSET_SEED, subset
+from smallscale.eval.tasks.finetuning import OPTIMIZER, SCHEDULE, Finetuner
 from smallscale.eval.tasks.generation import as_segment
 from smallscale.io import atomic_write_text
 from smallscale.model.gpt import GPT
-from smallscale.optim import OptimConfig, param_groups
 
 PAD_ID = 0  # right padding; masked out of the loss, never attended to by a real token
 IGNORE = -100  # the loss ignores these target positions (prompt and padding)
@@ -289,28 +289,18 @@ def finetune_translation(
         torch.manual_seed(seed)  # dropout; the data order has its own generator
         order_rng = torch.Generator().manual_seed(seed)
         tuned = copy.deepcopy(model).to(device).train()
-        optimizer = torch.optim.AdamW(param_groups(tuned, OptimConfig(weight_decay=cfg.weight_decay)), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-        warmup_steps = math.ceil(cfg.warmup_frac * cfg.steps)
         order: list[int] = []
-        bar = _progress_bar(cfg.steps, progress)
-        try:
-            for step in range(cfg.steps):
+        trainer = Finetuner(
+            tuned, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+            total_steps=cfg.steps, warmup_frac=cfg.warmup_frac, progress=progress,
+        )  # fmt: skip
+        with trainer:
+            for _ in range(cfg.steps):
                 if len(order) < cfg.batch_size:
                     order += torch.randperm(len(examples), generator=order_rng).tolist()
                 batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, cfg.steps, warmup_steps)
                 loss = tuned(*lm_batch([examples[i] for i in batch], device)).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(tuned.parameters(), cfg.grad_clip)
-                optimizer.step()
-                losses.append(loss.item())
-                if bar is not None:
-                    bar.update(bar.task_ids[0], advance=1, description=f"fine-tune {direction.name} loss {loss.item():.3f}")
-        finally:
-            if bar is not None:
-                bar.stop()
+                losses.append(trainer.step(loss, f"fine-tune {direction.name}"))
     tuned.eval()
     last = losses[-50:]
     record = {
@@ -322,7 +312,7 @@ def finetune_translation(
         "train_loss": sum(last) / len(last) if last else None,  # mean over the last 50 steps, nats per target token
         "train_s": round(time.perf_counter() - started, 3),
         "max_len_used": max_len,
-        "warmup_steps": warmup_steps,
+        "warmup_steps": trainer.warmup_steps,
     }
     return tuned, record
 
@@ -489,8 +479,8 @@ def run_translation(
             "format": direction.template,
             "format_parts": [direction.prefix, " {source}", direction.separator, " {target}", "[EOS]"],
             "loss": "cross-entropy on the target tokens and the closing EOS only (prompt and padding ignored), mean per target token",
-            "optimizer": "AdamW; no weight decay on embeddings, norms, biases",
-            "schedule": "linear warmup to lr, then linear decay to 0",
+            "optimizer": OPTIMIZER,
+            "schedule": SCHEDULE,
             "dropout": model.cfg.dropout,
             "greedy": "temperature 0, KV cache, prompts of equal length and cap batched",
             "beam": f"beam_size {cfg.beam_size}, score = log-probability / new tokens (EOS included) ** {cfg.length_penalty}, "
