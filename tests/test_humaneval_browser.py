@@ -109,7 +109,7 @@ def test_a_rater_votes_with_clicks_and_keys_and_nothing_hostile_runs(study, brow
         press("x")  # vote 4: both bad
         progress_is(4)
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
 
     votes = read_votes(db)

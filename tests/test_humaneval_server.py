@@ -38,12 +38,27 @@ def comparison(vote) -> tuple[str, str, str]:
 
 
 def stop(proc) -> None:
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=10)
     except Exception:
         proc.kill()
         raise
+
+
+def test_a_server_started_in_the_background_stops_cleanly_on_sigterm(study):
+    # a script's background job inherits SIGINT ignored, and Python then leaves Ctrl-C ignored:
+    # such a server kept running after SIGINT and could only be killed (a CI rehearsal hung on it)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc, _ = start_server([study], study / "human_eval.sqlite", threads=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert proc.poll() is None  # ignored, as its parent asked
+    stop(proc)
+    assert proc.returncode == 0
 
 
 def test_concurrent_votes_are_neither_lost_nor_duplicated(study):

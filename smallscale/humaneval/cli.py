@@ -6,6 +6,7 @@ Mounted by smallscale/cli.py as `human-eval`; also runnable alone as `python -m 
 
 from __future__ import annotations
 
+import signal
 import sys
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -79,12 +80,21 @@ def serve_cmd(
     if host not in LOCAL_HOSTS:
         print(f"warning: listening on {host} over plain HTTP: invite links and votes cross the network unencrypted")
     print(f"serving on http://{_url_host(host)}:{server.effective_port}/  (Ctrl-C to stop)", flush=True)
+    # SIGTERM (kill, systemd, a scheduler) stops it as Ctrl-C does. A process started in the
+    # background by a script inherits SIGINT ignored, and Python then leaves Ctrl-C ignored: without
+    # this, such a server could only be killed.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @humaneval_app.command("invite")
