@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from smallscale.errors import UserError
+from smallscale.errors import Stopped, UserError
 from smallscale.humaneval.cli import humaneval_app
 from smallscale.io import no_space_message
 
@@ -763,6 +763,9 @@ def main() -> None:
     except UserError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
+    except Stopped as exc:
+        console.print(str(exc), highlight=False)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)

@@ -216,6 +216,29 @@ def test_a_prepared_dataset_given_by_path_is_only_read(tmp_path, tiny_dataset):
     assert set(after) - set(before) <= {VERIFIED_FILE}  # at most the shard-check cache (skipped when read-only)
 
 
+def test_a_run_stopped_by_sigterm_is_interrupted_not_failed_and_the_rerun_finishes_it(tmp_path, tiny_dataset, monkeypatch):
+    from smallscale.errors import Stopped
+    from smallscale.study import executors
+    from smallscale.train import trainer
+
+    study = write_study(tmp_path / "s.yaml", datasets={"syn": {"path": str(tiny_dataset)}},
+                        base={"model": TINY_MODEL, "train": {**TINY_TRAIN, "device": "cpu"}})  # fmt: skip
+    _, (run,) = plan(study, tmp_path / "study", progress=False)
+
+    def stopped(*args, **kwargs):
+        raise Stopped("stopped by SIGTERM at step 3 of 8, checkpoint saved; `smallscale resume RUN` continues it")
+
+    monkeypatch.setattr(trainer, "train", stopped)
+    monkeypatch.setenv("SMALLSCALE_NO_MALLOC_TUNING", "1")  # main() would re-exec this process to tune malloc
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "ACTIVE"))  # and set this in it
+    assert executors.main([str(tmp_path / "study"), run.id]) == 143  # the worker's exit status, as if killed by it
+    status = executors.read_status(tmp_path / "study", run.id)
+    assert status["state"] == "interrupted" and "SIGTERM" in status["error"]
+    assert [r.id for r in executors.todo(tmp_path / "study", [run], retry_failed=False)] == [run.id]
+    monkeypatch.undo()
+    assert run_one(tmp_path / "study", run.id)["state"] == "done"
+
+
 # ----------------------------------------------------------------------------- item 10: derived values
 VARIABLES = {"tokens": 2048, "params": 500_000, "position": "rope"}
 

@@ -119,6 +119,61 @@ def test_resume_after_kill_9_during_checkpoint_write(tiny_dataset, tmp_path):
     assert all(torch.equal(wr[k], wk[k]) for k in wr)
 
 
+def test_sigterm_saves_a_checkpoint_at_the_step_and_resume_continues_exactly(tiny_dataset, tmp_path, monkeypatch):
+    import signal
+
+    from smallscale.data.loader import TrainLoader
+    from smallscale.errors import Stopped
+
+    full = tmp_path / "full"
+    train(run_cfg(tiny_dataset, full, "train.keep_checkpoints=20", "train.checkpoint_every_tokens=2048"), progress=False)
+    real_next_batch, calls = TrainLoader.next_batch, []
+
+    def next_batch(self):  # 2 micro-batches per step: the 9th is the first of step 5
+        calls.append(1)
+        if len(calls) == 9:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next_batch(self)
+
+    monkeypatch.setattr(TrainLoader, "next_batch", next_batch)
+    part = tmp_path / "part"
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM at step 5 of 12, checkpoint saved; `smallscale resume .*part` continues it"):
+        train(run_cfg(tiny_dataset, part, "train.keep_checkpoints=20", "train.checkpoint_every_tokens=2048"), progress=False)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handler is gone again
+    assert sorted(p.name for p in (part / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000005"]
+    monkeypatch.undo()
+    resume(part, progress=False)
+    assert losses(part) == losses(full)  # exact float equality
+    wf, wp = final_weights(full), final_weights(part)
+    assert all(torch.equal(wf[k], wp[k]) for k in wf)
+
+
+@pytest.mark.slow
+def test_train_stopped_by_sigterm_exits_143_with_one_line_and_resumes(tiny_dataset, tmp_path):
+    import signal
+    import time
+
+    args = [f"data.path={tiny_dataset}", *TINY_MODEL, "train.steps=200", "train.global_batch_tokens=512", "train.micro_batch=8",
+            "train.precision=fp32", "train.log_every_steps=1", "train.eval_batch=8", "train.eval_every_tokens=null",
+            "train.checkpoint_every_tokens=null", "--no-progress"]  # fmt: skip
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "smallscale.cli", "train", f"out={run}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output
+    (step,) = [int(p.name.removeprefix("step-")) for p in (run / "checkpoints").glob("step-*")]
+    assert 3 <= step < 200 and f"stopped by SIGTERM at step {step} of 200, checkpoint saved" in output
+    assert "Traceback" not in output
+    done = subprocess.run([sys.executable, "-m", "smallscale.cli", "resume", str(run), "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [m["step"] for m in metrics(run)] == list(range(1, 201))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 200
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_cpu_processes_match_one_process(tiny_dataset, tmp_path, strategy):

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smallscale import lock as folder_lock
-from smallscale.errors import UserError
+from smallscale.errors import Stopped, UserError
 from smallscale.hardware import usable_cpus
 from smallscale.io import atomic_write_json, atomic_write_text, no_space_message
 from smallscale.study.grid import RunSpec, StudySpec, dataset_dir, expand, load_study
@@ -185,6 +185,9 @@ def _run_owned(spec: RunSpec, out: Path, progress: bool, labels: RunLabels) -> d
                                   device=device, **ev.get("options", {}))  # fmt: skip
                 atomic_write_json(result_path(out, name), result)
         return _write_status(status_path, state="done", stage=None, finished=time.time(), val_bpb=summary.get("val_bpb"))
+    except Stopped as exc:  # SIGTERM: the run checkpointed; the study stops too, and a rerun resumes it
+        _write_status(status_path, state="interrupted", error=str(exc), finished=time.time())
+        raise
     except Exception as exc:  # one run's failure is recorded, never fatal to the study
         full = no_space_message(exc)
         message = str(exc) if isinstance(exc, UserError) else full or f"{type(exc).__name__}: {exc}"
@@ -337,7 +340,7 @@ def _run_processes(
                 if proc.returncode == BUSY_EXIT:  # another process took the run first; waited for later
                     view.finished(spec.id, "taken by another process", counted=False)
                     continue
-                if read_status(study_dir, spec.id)["state"] not in ("done", "failed"):  # killed from outside (OOM killer, signal)
+                if read_status(study_dir, spec.id)["state"] not in ("done", "failed", "interrupted"):  # killed from outside (OOM killer, SIGKILL)
                     tail = _tail(run_dir(study_dir, spec.id) / "log.txt")
                     record_failure(run_dir(study_dir, spec.id), f"worker exited with code {proc.returncode}: {tail}")
                 view.finished(spec.id, read_status(study_dir, spec.id)["state"])
@@ -398,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except folder_lock.FolderBusy as busy:
         print(f"run {run_id} skipped: {busy}", file=sys.stderr)
         return BUSY_EXIT
+    except Stopped as stopped:
+        print(f"run {run_id}: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except Exception as exc:  # a full disk outside train + evals (the run's lock, status.json): one line
         line = no_space_message(exc)
         if line is None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -32,7 +34,7 @@ from smallscale.config import Strict, dump_config, read_yaml, validate
 from smallscale.data.loader import TrainLoader
 from smallscale.data.shards import load_manifest
 from smallscale.energy import EnergyConfig, EnergyMeter, Reading
-from smallscale.errors import UserError
+from smallscale.errors import Stopped, UserError
 from smallscale.eval.tasks.perplexity import ScoringSet, score
 from smallscale.io import atomic_write_json, atomic_write_text, writing
 from smallscale.model.gpt import GPT, GPTConfig, GPTOutput
@@ -365,6 +367,7 @@ def _train(
     last_eval: dict[str, float] | None = None
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first non-finite step, 0: none
     step_loss = float("nan")
+    stop = _StopRequest(on_exit)
     bar = _progress_bar(progress and info.is_main, total_steps, step)
 
     while step < total_steps:
@@ -421,10 +424,14 @@ def _train(
             or step == total_steps
         )
         save_now = _every(tokens_before, tokens_seen, cfg.train.checkpoint_every_tokens) or step == total_steps
-        if log_now or eval_now or save_now:  # the host reads back here, and only here
+        stopping = False
+        # A stop request is acted on where the host reads back anyway (every rank must agree to
+        # save a checkpoint together); alone, at once.
+        if log_now or eval_now or save_now or (stop.requested and not info.enabled):  # the host reads back here, and only here
             _raise_if_nonfinite(int(first_bad_step), loader, accum * cfg.train.micro_batch * info.world_size)
-            (step_loss,) = distributed.all_reduce_sum([loss_sum.item() / accum], device)
+            step_loss, requests = distributed.all_reduce_sum([loss_sum.item() / accum, float(stop.requested)], device)
             step_loss /= info.world_size
+            stopping = requests > 0
         if log_now:
             now = time.perf_counter()
             tok_s = window_tokens / max(now - window_t, 1e-9)
@@ -446,10 +453,15 @@ def _train(
             with writing(metrics_path), open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             run_trackers.log(record)  # after metrics.jsonl, the source of truth
-        if save_now:
+        if save_now or stopping:
             save_checkpoint()
         if bar is not None:
             bar.update(bar.task_ids[0], completed=step, **({"loss": step_loss} if log_now else {}))
+        if stopping and step < total_steps:
+            if bar is not None:
+                bar.stop()
+            raise Stopped(f"stopped by SIGTERM at step {step} of {total_steps}, checkpoint saved; "
+                          f"`smallscale resume {out}` continues it")  # fmt: skip
 
     if bar is not None:
         bar.stop()
@@ -494,6 +506,23 @@ def _train(
         atomic_write_json(out / "summary.json", summary)
         run_trackers.finish(summary)
     return summary
+
+
+class _StopRequest:
+    """Whether this process got SIGTERM during training (a scheduler's preemption or time-limit
+    notice, `kill`, the death of the study that started it): the loop then saves a checkpoint at
+    the end of the step and raises `Stopped`, instead of dying with the work since the last
+    periodic checkpoint. Installed only in the main thread (Python's rule for signal handlers);
+    the previous handler comes back when training ends."""
+
+    def __init__(self, on_exit: contextlib.ExitStack):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, self._handle)
+            on_exit.callback(signal.signal, signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
 
 
 def _raise_if_nonfinite(bad_step: int, loader: TrainLoader, samples_per_step: int) -> None:
