@@ -43,6 +43,18 @@ def synthetic_docs(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    models this small run fastest on one thread, and on a busy machine many times faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def text_folder(tmp_path: Path) -> tuple[Path, list[str]]:
     """A folder of 200 one-document files (with 10 exact duplicates)."""

@@ -17,6 +17,8 @@ from smallscale.errors import UserError
 from smallscale.eval.generate import beam_search, generate
 from smallscale.model.gpt import GPT, GPTConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 START, EOS, A, B, C = range(5)  # token ids of the bigram model
 OTHER = 1e-6  # probability of every transition not listed
 
@@ -72,15 +74,6 @@ def test_length_penalty_ranks_by_sum_or_by_mean_log_probability(length_penalty, 
 def test_without_eos_the_search_runs_to_max_new_tokens_unfinished():
     (best,) = beam_search(bigram_gpt(MYOPIC), torch.tensor([[START]]), 3, beam_size=3)
     assert len(best.tokens) == 3 and not best.finished
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread, and on a busy machine many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ from smallscale.eval.tasks.classification import (
 from smallscale.model.gpt import GPT, GPTConfig
 from tests.conftest import SHARED_DATA, WORDS
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 GOOD, BAD = ["good", "great", "nice"], ["bad", "awful", "poor"]
 CLASSES = ["negative", "positive"]
 
@@ -48,15 +50,6 @@ def separable(n: int, seed: int) -> list[Example]:
         words.insert(rng.randint(0, len(words)), rng.choice(GOOD if label else BAD))
         examples.append(Example({"text": " ".join(words)}, label))
     return examples
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread, and on a busy machine many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,8 @@ from smallscale.model.gpt import GPT, GPTConfig
 from tests.conftest import WORDS
 from tests.test_generation_metrics import perturb, sacrebleu_cli
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EN_SW = TRANSLATION_TASKS["mafand_en_sw"]
 CLI = [sys.executable, "-m", "smallscale.cli"]
 
@@ -47,15 +49,6 @@ def reversed_words(n: int, seed: int) -> list[Pair]:
         words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
         pairs.append(Pair(" ".join(words), " ".join(w[::-1] for w in words), i))
     return pairs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread, and on a busy machine many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,7 @@ from smallscale.data.shards import (
     prepare,
     read_split,
     setting_differences,
+    source_identity,
     train_documents,
 )
 from smallscale.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
@@ -339,16 +340,6 @@ def _write_mixed_split(out: Path, split: str, names: list[str], parts: list[_Sou
 
 
 # ----------------------------------------------------------------------------- settings and re-runs
-def _identity(source: str) -> str:
-    """A local source as an absolute path (`corpus/` and `./corpus` are one source)."""
-    if source.startswith("builtin:"):
-        return source
-    if source.startswith("hf:"):
-        name = source.removeprefix("hf:")
-        return f"hf:{os.path.abspath(os.path.expanduser(name))}" if Path(name).expanduser().exists() else source
-    return os.path.abspath(os.path.expanduser(source))
-
-
 def _settings(cfg: MixtureConfig, tokenizer_sha256: str | None) -> dict:
     """Everything that determines the mixture (a local corpus's content is checked by each source's
     own `prepare`)."""
@@ -356,9 +347,9 @@ def _settings(cfg: MixtureConfig, tokenizer_sha256: str | None) -> dict:
     settings["mixture_format"] = MIXTURE_FORMAT
     settings["weights"] = cfg.weights()
     for src in settings["sources"].values():
-        src["source"] = _identity(src["source"])
+        src["source"] = source_identity(src["source"])
         if src.get("val_source"):
-            src["val_source"] = _identity(src["val_source"])
+            src["val_source"] = source_identity(src["val_source"])
         src.pop("part_bytes", None)  # how a file is cut into work units, not what is read
     if cfg.tokenizer not in ("bpe", "unigram"):
         settings["tokenizer"] = "file"

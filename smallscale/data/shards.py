@@ -616,15 +616,15 @@ def _settings(cfg: PrepareConfig, parts: list[sources.Part], tokenizer_sha256: s
         settings["tokenizer"] = "file"
         settings["tokenizer_sha256"] = tokenizer_sha256
         del settings["vocab_size"], settings["tokenizer_train_bytes"]  # the file fixes the vocabulary
-    settings["source"] = _source_identity(cfg.source)
+    settings["source"] = source_identity(cfg.source)
     settings["source_files"] = _source_files(cfg.source, parts)
     if cfg.val_source is not None:
-        settings["val_source"] = _source_identity(cfg.val_source)
+        settings["val_source"] = source_identity(cfg.val_source)
         settings["val_source_files"] = _source_files(cfg.val_source, sources.resolve_parts(cfg.val_source, cfg.source_options()))
     return settings
 
 
-def _source_identity(source: str) -> str:
+def source_identity(source: str) -> str:
     """`source` with a local path made absolute, so `corpus/` and `./corpus` compare equal."""
     if source.startswith("builtin:"):
         return source
