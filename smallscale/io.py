@@ -15,7 +15,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # A write fails with one of these when the disk, the user's quota or the process's file size limit
 # (RLIMIT_FSIZE) is full; the same command succeeds once there is room.
@@ -65,20 +65,29 @@ def no_space_message(exc: BaseException, then: str = "run the same command again
     return f"no space left writing {where} ({full.strerror}); free space and {then}"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file for the block to write that appears at `path` whole or not at all: a unique
+    temp file next to it (two writers never share one), flushed and fsynced, then renamed over
+    `path`; deleted if the block fails. A full disk inside the block names `path` (`writing`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the permissions open() would
         with writing(path), os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _umask() -> int:

@@ -57,7 +57,7 @@ from smallscale.config import Strict
 from smallscale.data import order, sources
 from smallscale.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from smallscale.errors import UserError
-from smallscale.io import atomic_write_bytes, atomic_write_json, sha256_file, writing
+from smallscale.io import atomic_file, atomic_write_bytes, atomic_write_json, sha256_file, writing
 from smallscale.lock import hold
 
 # 2: documents in order-key order (smallscale/data/order.py), where 1 shuffled them by a seeded
@@ -274,28 +274,13 @@ def _save_in_order(spool: _Spool, index: np.ndarray, path: Path, dtype: np.dtype
     """The documents of `index` (offsets into `spool`), in its order, as the .npy file `path`."""
     with writing(path):
         spool.file.flush()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with writing(path):
-                f.write(_npy_header(dtype, int(index["tokens"].sum())))
-            copier = _Copier(dtype, _PART_COPY_TOKENS, lambda tokens: _write_named(f, tokens, path))
-            size, source = dtype.itemsize, spool.file.fileno()
-            for offset, count in zip(index["offset"].tolist(), index["tokens"].tolist(), strict=True):
-                copier.run(source, offset * size, count)
-            copier.flush()
-            with writing(path):
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_named(f: BinaryIO, tokens: np.ndarray, path: Path) -> None:
-    with writing(path):
-        _write_array(f, tokens)
+    with atomic_file(path) as f:
+        f.write(_npy_header(dtype, int(index["tokens"].sum())))
+        copier = _Copier(dtype, _PART_COPY_TOKENS, lambda tokens: _write_array(f, tokens))
+        size, source = dtype.itemsize, spool.file.fileno()
+        for offset, count in zip(index["offset"].tolist(), index["tokens"].tolist(), strict=True):
+            copier.run(source, offset * size, count)
+        copier.flush()
 
 
 def _npy_header(dtype: np.dtype, count: int) -> bytes:
@@ -306,19 +291,11 @@ def _npy_header(dtype: np.dtype, count: int) -> bytes:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """`np.save` (format 1.0), through `_write_array`, into a unique temp file that is then renamed
-    (two array tasks that both encode one part never write into one file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with writing(path), os.fdopen(fd, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
-            _write_array(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`np.save` (format 1.0), through `_write_array`, written whole or not at all (`atomic_file`:
+    two array tasks that both encode one part never write into one file)."""
+    with atomic_file(path) as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        _write_array(f, array)
 
 
 def _write_array(f: BinaryIO, array: np.ndarray) -> None:
